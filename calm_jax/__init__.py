@@ -1,0 +1,1 @@
+"""calm_jax: Continuous Autoregressive Language Models (CALM) in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections); each file gives the command that runs it."""

@@ -1,0 +1,54 @@
+r"""Stage 2: CALM, a Transformer that predicts the next chunk's latent vector.
+
+  calm-train --config experiments/calm.py:size=tiny --workdir W2 \
+    --config.autoencoder.workdir=W1 \
+    --config.data.train='jsonl:../shared/data/corpus/train-*.jsonl' \
+    --config.data.eval=jsonl:../shared/data/corpus/valid.jsonl
+
+Variants: size=tiny|M|L|XL, head=energy|flow|diffusion, K=<chunk size>.
+  tiny: 2 CPU cores, minutes; needs a finished tiny autoencoder run (W1).
+  M/L/XL: the paper's CALM-M/L/XL (M: 1024 hidden, MLP 2752, 16 layers, 4 head
+  blocks), for accelerators. K must equal the autoencoder's K.
+"""
+import ml_collections
+
+from experiments import common
+
+SIZES = {
+    "tiny": dict(vocab_size=4096, latent_dim=32, seq_len=256, batch_size=16, steps=1000, lr=1e-3),
+    "M": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),
+    "L": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),
+    "XL": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),
+}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, size="tiny", head="energy", K=4)
+  s = SIZES[arg.size]
+  config = common.base_config("calm")
+  config.data.vocab_size = s["vocab_size"]
+  config.data.seq_len = s["seq_len"]
+  config.train.batch_size = s["batch_size"]
+  config.train.steps = s["steps"]
+  config.optim.lr = s["lr"]
+  config.eval.block_len = 4 * s["seq_len"] if arg.size != "tiny" else s["seq_len"]
+
+  config.autoencoder = ml_collections.ConfigDict(dict(
+      workdir="",                           # a finished stage-1 run (required)
+      step=-1,                              # -1: its latest checkpoint
+  ))
+
+  model = common.backbone_config(arg.size, s["vocab_size"], patch_size=arg.K)
+  model.latent_dim = s["latent_dim"]        # must equal the autoencoder's l
+  model.head = arg.head                     # 'energy' | 'flow' | 'diffusion'
+  model.num_head_blocks = max(1, model.layers // 4)
+  model.noise_dim = 64                      # energy head: u ~ U[-0.5, 0.5]^noise_dim
+  model.num_model_samples = 8               # N head samples per position (energy loss)
+  model.num_target_samples = 100            # M samples from the AE posterior (energy loss)
+  model.beta = 1.0                          # energy score exponent, in (0, 2)
+  model.flow_steps = 4                      # flow head: midpoint ODE steps at sampling
+  model.diffusion_train_steps = 1000        # diffusion head: noise schedule length
+  model.diffusion_sample_steps = 100        # diffusion head: DDIM-style steps at sampling
+  model.head_batch_mul = 4                  # flow/diffusion: noise draws per position in training
+  config.model = model
+  return config

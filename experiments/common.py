@@ -1,0 +1,159 @@
+"""Config sections shared by every experiment: data, train, optim, mesh, checkpoint, eval.
+
+Each experiment file calls these and then sets its own model section; every
+default the library reads lives here or in the experiment file, nowhere else.
+"""
+import ml_collections
+
+# Logical axis name -> mesh axes. Params use the plain names; activations use
+# `batch`, `length` and the `act_*` names so that a weight dim sharded over
+# `fsdp` never collides with the batch dim, which is also sharded over `fsdp`.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("latent", None),
+    ("noise", None),
+    ("layers", None),
+)
+
+# The paper's backbone sizes (hidden, MLP, layers, heads); head blocks = layers / 4.
+BACKBONES = {
+    "tiny": dict(hidden=128, mlp=384, layers=2, heads=4),
+    "S": dict(hidden=768, mlp=2048, layers=12, heads=16),
+    "M": dict(hidden=1024, mlp=2752, layers=16, heads=16),
+    "L": dict(hidden=1536, mlp=4096, layers=16, heads=16),
+    "XL": dict(hidden=2560, mlp=6880, layers=16, heads=32),
+}
+
+
+def parse_arg(arg, **defaults):
+  """Parses a big_vision style variant string 'size=M,head=flow,runlocal'."""
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in values:
+      raise ValueError(
+          f"Unknown config variant {key!r}; known variants: {sorted(values)}")
+    default = values[key]
+    if isinstance(default, bool):
+      values[key] = value in ("", "1", "true", "True")
+    elif isinstance(default, int):
+      values[key] = int(value)
+    else:
+      values[key] = value
+  return ml_collections.ConfigDict(values)
+
+
+def data_config():
+  return ml_collections.ConfigDict(dict(
+      train="builtin:python_docs",      # data SPEC (see README); ',' mixes several
+      eval="builtin:python_docs:valid",
+      tokenizer="",                     # .model path; '' trains one into the workdir
+      tokenizer_type="bpe",             # 'bpe' | 'unigram'
+      vocab_size=4096,
+      seq_len=256,                      # tokens per example; a multiple of model.patch_size
+      packing="concat",                 # 'concat' | 'chunk_aligned'
+      skip_bad_records=False,           # skip malformed JSONL lines with a warning
+      worker_count=0,                   # grain worker processes (0: in-process)
+      prefetch=2,                       # batches prefetched per process
+      tokenizer_max_chars=20_000_000,   # characters sampled to train a tokenizer
+  ))
+
+
+def train_config():
+  return ml_collections.ConfigDict(dict(
+      batch_size=16,                    # global, across all processes
+      steps=1000,
+      seed=0,
+      log_every=20,
+      eval_every=200,                   # 0 disables periodic eval
+      eval_batches=8,                   # batches per periodic eval
+      grad_accum_steps=1,
+      compute_dtype="float32",          # 'float32' | 'bfloat16' (params stay fp32)
+      nan_policy="halt",                # 'halt' | 'skip' on non-finite loss/grads
+      allow_config_change=False,        # resume a workdir with a different config
+  ))
+
+
+def optim_config():
+  return ml_collections.ConfigDict(dict(
+      lr=3e-4,
+      warmup_steps=100,
+      schedule="constant",              # 'constant' | 'cosine'
+      min_lr_ratio=0.1,                 # cosine floor, as a fraction of lr
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip=1.0,
+  ))
+
+
+def mesh_config():
+  return ml_collections.ConfigDict(dict(
+      data=-1,                          # -1: all devices not used by other axes
+      fsdp=1,
+      tensor=1,
+      dcn_data=1,                       # data-parallel replicas across slices (multi-slice TPU)
+      rules=DEFAULT_RULES,
+  ))
+
+
+def checkpoint_config():
+  return ml_collections.ConfigDict(dict(
+      every_steps=500,
+      keep=3,
+      async_save=True,
+  ))
+
+
+def eval_config():
+  return ml_collections.ConfigDict(dict(
+      block_len=512,                    # tokens per evaluation block (paper: 8192 CALM, 2048 AR)
+      batch_size=8,
+      max_tokens=100_000,               # cap on evaluated tokens (0: no cap)
+      noise_sigmas=(0.3, 0.5),          # autoencoder accuracy under Gaussian noise on z
+      brier_samples=2,                  # independent samples per position for Brier-n
+  ))
+
+
+def base_config(stage):
+  config = ml_collections.ConfigDict()
+  config.stage = stage                  # 'autoencoder' | 'calm' | 'ar'
+  config.data = data_config()
+  config.train = train_config()
+  config.optim = optim_config()
+  config.mesh = mesh_config()
+  config.checkpoint = checkpoint_config()
+  config.eval = eval_config()
+  return config
+
+
+def backbone_config(size, vocab_size, patch_size):
+  """The Llama-style Transformer fields shared by the CALM and AR models."""
+  b = BACKBONES[size]
+  return ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size,
+      patch_size=patch_size,
+      hidden=b["hidden"],
+      mlp=b["mlp"],
+      layers=b["layers"],
+      heads=b["heads"],
+      kv_heads=b["heads"],              # < heads for GQA
+      rope_theta=10000.0,
+      norm_eps=1e-6,
+      init_std=0.02,
+      remat="none",                     # 'none' | 'full' | 'dots'
+      scan_layers=True,
+  ))

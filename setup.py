@@ -1,0 +1,39 @@
+"""calm_jax: Continuous Autoregressive Language Models in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="calm_jax",
+    version="0.1.0",
+    description="JAX/Flax pretraining for Continuous Autoregressive Language Models (CALM).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["calm_jax", "calm_jax.*", "experiments"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "tensorflow-datasets>=4.9.10,<5",
+        "sentencepiece>=0.2.3,<0.3",
+        "ml-collections>=1.1.0,<2",
+        "array-record>=0.8.6,<0.9",
+        "numpy>=2.0",
+        "absl-py>=2.3",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6.5",
+        "matplotlib>=3.9",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={
+        "console_scripts": [
+            "calm-tokenizer=calm_jax.data.train_tokenizer:run",
+            "calm-prepare=calm_jax.data.prepare:run",
+            "calm-train=calm_jax.train:run",
+            "calm-eval=calm_jax.evaluate:run",
+            "calm-generate=calm_jax.sampling:run",
+            "calm-quickstart=calm_jax.quickstart:run",
+        ]
+    },
+)

@@ -1,0 +1,101 @@
+"""Thin orbax wrapper: save/restore params, optimizer state and the grain iterator together.
+
+A checkpoint step directory holds three items: `params`, `train_state` (step,
+optimizer state, skip counters) and
+`data_iter` (the grain iterator state, one file per process). Orbax writes into a
+temporary directory and renames it when complete, so a run killed mid-write never
+leaves a checkpoint that `latest_step` would pick; a checkpoint that fails to
+restore is reported by name and the previous one is used.
+"""
+import logging
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from calm_jax import user_errors
+
+ITEMS = ("params", "train_state", "data_iter")
+
+
+class CheckpointError(user_errors.UserError):
+  """No usable checkpoint where one was required."""
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs with the target shardings: orbax restores straight into them."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+  """CheckpointManager with the item names and options calm_jax uses."""
+
+  def __init__(self, workdir, every_steps=1, keep=None, async_save=True, read_only=False):
+    self.directory = checkpoint_dir(workdir)
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(
+          f"{self.directory} does not exist: {workdir!r} has no checkpoints yet "
+          "(train it with calm-train first).")
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every_steps,
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save and not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step, params, train_state, data_iter, force=False):
+    """Saves if `step` is due (or force); returns whether a save started."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        train_state=ocp.args.StandardSave(train_state),
+        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+    )
+    return self.manager.save(step, args=args, force=force)
+
+  def _restore(self, step, **items):
+    return self.manager.restore(step, args=ocp.args.Composite(**items))
+
+  def restore(self, step, abstract_params, abstract_train_state, data_iter):
+    """Restores params and train state into their shardings, and data_iter in place."""
+    out = self._restore(
+        step,
+        params=ocp.args.StandardRestore(abstract_params),
+        train_state=ocp.args.StandardRestore(abstract_train_state),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+    )
+    return out.params, out.train_state
+
+  def restore_params(self, step, abstract_params):
+    """Params only (no optimizer state): for evaluation and for linking stages."""
+    return self._restore(step, params=ocp.args.StandardRestore(abstract_params)).params
+
+  def restore_latest_good(self, restore_fn, steps=None):
+    """Calls restore_fn(step) on the newest checkpoint that restores; logs the broken ones."""
+    for step in reversed(steps if steps is not None else self.all_steps()):
+      try:
+        return step, restore_fn(step)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error("Checkpoint %s/%d could not be restored (%s: %s); trying the previous one.",
+                      self.directory, step, type(e).__name__, e)
+    return None, None
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,158 @@
+"""Experiment configs: load from a file or a workdir, validate, save as JSON, compare on resume."""
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from calm_jax import user_errors
+
+STAGES = ("autoencoder", "calm", "ar")
+CONFIG_FILE = "config.json"
+
+# Fields that may differ when a run is resumed: they change how long or how
+# verbosely a run goes, never what it computes.
+RESUMABLE_FIELDS = (
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.allow_config_change", "checkpoint.every_steps", "checkpoint.keep",
+    "checkpoint.async_save", "data.worker_count", "data.prefetch", "data.eval",
+)
+
+
+class ConfigError(user_errors.UserError, ValueError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+def load_config_file(spec):
+  """Loads 'path/to/file.py[:variant args]' the way config_flags does (for tools and tests)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"Config file {path!r} does not exist.")
+  module_spec = importlib.util.spec_from_file_location("calm_experiment_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _from_json_value(value):
+  if isinstance(value, dict):
+    return ml_collections.ConfigDict({k: _from_json_value(v) for k, v in value.items()})
+  if isinstance(value, list):
+    return tuple(_from_json_value(v) for v in value)
+  return value
+
+
+def save_config(config, workdir):
+  """Writes the resolved config to WORKDIR/config.json (human-readable, reloadable)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+  return path
+
+
+def load_config(workdir):
+  """The resolved config a run saved into its workdir."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ConfigError(
+        f"{path} not found: {workdir!r} is not a calm_jax workdir "
+        "(calm-train writes config.json there at start).")
+  with open(path) as f:
+    try:
+      return _from_json_value(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path} is not valid JSON ({e}); restore it or use a new workdir.") from e
+
+
+def flatten(config, prefix=""):
+  """{'a.b': value} for every leaf, tuples and lists normalised to lists."""
+  out = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = json.loads(json.dumps(value)) if isinstance(value, (tuple, list)) else value
+  return out
+
+
+def config_changes(saved, current):
+  """Fields (other than RESUMABLE_FIELDS) whose values differ: [(name, saved, current)]."""
+  a, b = flatten(saved), flatten(current)
+  changes = []
+  for name in sorted(set(a) | set(b)):
+    if any(name == f or name.startswith(f + ".") for f in RESUMABLE_FIELDS):
+      continue
+    if a.get(name, "<missing>") != b.get(name, "<missing>"):
+      changes.append((name, a.get(name, "<missing>"), b.get(name, "<missing>")))
+  return changes
+
+
+def _require(condition, message):
+  if not condition:
+    raise ConfigError(message)
+
+
+def validate(config):
+  """Checks that need no devices or files; raises ConfigError naming the field and the fix."""
+  _require(config.stage in STAGES,
+           f"config.stage={config.stage!r}: must be one of {STAGES}.")
+  k = config.model.patch_size
+  _require(k >= 1, f"config.model.patch_size={k}: must be >= 1.")
+  _require(config.data.seq_len % k == 0,
+           f"config.data.seq_len={config.data.seq_len} is not a multiple of the chunk size "
+           f"K=config.model.patch_size={k}; use e.g. --config.data.seq_len="
+           f"{max(k, config.data.seq_len // k * k)}.")
+  _require(config.eval.block_len % k == 0,
+           f"config.eval.block_len={config.eval.block_len} is not a multiple of "
+           f"K=config.model.patch_size={k}.")
+  _require(config.model.vocab_size == config.data.vocab_size,
+           f"config.model.vocab_size={config.model.vocab_size} != config.data.vocab_size="
+           f"{config.data.vocab_size}: set both to the tokenizer's vocabulary size.")
+  _require(config.data.packing in ("concat", "chunk_aligned"),
+           f"config.data.packing={config.data.packing!r}: use 'concat' or 'chunk_aligned'.")
+  _require(config.train.compute_dtype in ("float32", "bfloat16"),
+           f"config.train.compute_dtype={config.train.compute_dtype!r}: use 'float32' or 'bfloat16'.")
+  _require(config.train.nan_policy in ("halt", "skip"),
+           f"config.train.nan_policy={config.train.nan_policy!r}: use 'halt' or 'skip'.")
+  _require(config.optim.schedule in ("constant", "cosine"),
+           f"config.optim.schedule={config.optim.schedule!r}: use 'constant' or 'cosine'.")
+  _require(config.train.grad_accum_steps >= 1 and
+           config.train.batch_size % config.train.grad_accum_steps == 0,
+           f"config.train.batch_size={config.train.batch_size} is not divisible by "
+           f"config.train.grad_accum_steps={config.train.grad_accum_steps}.")
+  _require(config.train.steps >= 0, f"config.train.steps={config.train.steps}: must be >= 0.")
+  _require(bool(config.data.train), "config.data.train is empty: give a data SPEC (see README).")
+  if config.stage == "calm":
+    _require(bool(config.autoencoder.workdir),
+             "config.autoencoder.workdir is empty: stage 2 needs a finished autoencoder run; "
+             "pass --config.autoencoder.workdir=DIR.")
+    _require(config.model.head in ("energy", "flow", "diffusion"),
+             f"config.model.head={config.model.head!r}: use 'energy', 'flow' or 'diffusion'.")
+    _require(0 < config.model.beta < 2,
+             f"config.model.beta={config.model.beta}: the energy score is strictly proper only "
+             "for beta in (0, 2).")
+    _require(config.model.num_model_samples >= 2,
+             "config.model.num_model_samples must be >= 2 (the diversity term needs pairs).")
+  return config
+
+
+def check_autoencoder_compatible(calm_config, ae_config, ae_workdir):
+  """Stage-2 config vs the stage-1 run it links to; raises before anything compiles."""
+  checks = [
+      ("model.patch_size", calm_config.model.patch_size, ae_config.model.patch_size),
+      ("model.latent_dim", calm_config.model.latent_dim, ae_config.model.latent_dim),
+      ("model.vocab_size", calm_config.model.vocab_size, ae_config.model.vocab_size),
+  ]
+  for field, mine, theirs in checks:
+    if mine != theirs:
+      raise ConfigError(
+          f"config.{field}={mine} does not match the autoencoder in {ae_workdir} "
+          f"({field}={theirs}); pass --config.{field}={theirs} or train a matching autoencoder.")
+  if ae_config.stage != "autoencoder":
+    raise ConfigError(
+        f"config.autoencoder.workdir={ae_workdir} is a {ae_config.stage!r} run, "
+        "not an autoencoder run.")

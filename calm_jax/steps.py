@@ -1,0 +1,101 @@
+"""The train state and the pure train/eval step functions shared by every stage.
+
+CALM's frozen autoencoder params live outside the train state (`frozen`): they
+get no gradients and no optimizer moments. The train step skips an update whose
+loss or gradients are not finite, counts it, and remembers the step, so a
+saved state is never poisoned; the host decides whether to halt.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+FROZEN_KEYS = ("autoencoder",)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # int32 scalar: updates attempted so far
+  params: Any                # trainable params
+  opt_state: Any
+  skipped: jax.Array         # int32: updates skipped for non-finite loss/grads
+  last_bad_step: jax.Array   # int32: the latest skipped step, -1 if none
+
+
+def split_frozen(params):
+  """{'autoencoder': ..., rest} -> (trainable, frozen)."""
+  trainable = {k: v for k, v in params.items() if k not in FROZEN_KEYS}
+  frozen = {k: v for k, v in params.items() if k in FROZEN_KEYS}
+  return trainable, frozen
+
+
+def init_train_state(params, tx):
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    skipped=jnp.zeros((), jnp.int32), last_bad_step=-jnp.ones((), jnp.int32))
+
+
+def _rngs(rng):
+  dropout, sample = jax.random.split(rng)
+  return {"dropout": dropout, "sample": sample}
+
+
+def _microbatches(batch, num):
+  """[B, ...] -> [num, B/num, ...]; each device keeps its own rows in every microbatch."""
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(model, tx, schedule, grad_accum_steps):
+  """train_step(state, frozen, batch, rng) -> (state, metrics); pure, for jax.jit."""
+
+  def loss_fn(params, frozen, batch, rng):
+    return model.apply({"params": {**params, **frozen}}, batch, train=True, rngs=_rngs(rng))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, frozen, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    if grad_accum_steps == 1:
+      (_, metrics), grads = grad_fn(state.params, frozen, batch, rng)
+    else:
+      def accumulate(grads_sum, xs):
+        index, microbatch = xs
+        (_, m), g = grad_fn(state.params, frozen, microbatch, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, grads_sum, g), m
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      xs = (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps))
+      grads, metrics = jax.lax.scan(accumulate, zeros, xs)
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+      metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        last_bad_step=jnp.where(finite, state.last_bad_step, state.step),
+    )
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+                   skipped_updates=new_state.skipped.astype(jnp.float32))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model):
+  """eval_step(params, frozen, batch, rng) -> (metrics, weight); weight = valid tokens."""
+
+  def eval_step(params, frozen, batch, rng):
+    _, metrics = model.apply({"params": {**params, **frozen}}, batch, train=False,
+                             rngs=_rngs(rng))
+    return metrics, batch["mask"].sum().astype(jnp.float32)
+
+  return eval_step

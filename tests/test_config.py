@@ -1,0 +1,90 @@
+"""Experiment configs load for every variant and validation names the field and the fix."""
+import os
+
+import pytest
+
+from calm_jax import config_lib
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+
+VARIANTS = [
+    "autoencoder.py:size=tiny", "autoencoder.py:size=base", "autoencoder.py:size=tiny,K=8",
+    "ar_baseline.py:size=tiny", "ar_baseline.py:size=S", "ar_baseline.py:size=M",
+    "ar_baseline.py:size=L", "calm.py:size=tiny", "calm.py:size=M,head=flow",
+    "calm.py:size=L,head=diffusion", "calm.py:size=XL", "calm.py:size=tiny,K=2",
+]
+
+
+def _load(variant):
+  return config_lib.load_config_file(os.path.join(EXPERIMENTS, variant))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_validates(variant):
+  config = _load(variant)
+  if config.stage == "calm":
+    config.autoencoder.workdir = "/some/run"
+  config_lib.validate(config)
+
+
+def test_paper_sizes():
+  m = _load("calm.py:size=M").model
+  assert (m.hidden, m.mlp, m.layers, m.heads, m.num_head_blocks) == (1024, 2752, 16, 16, 4)
+  s = _load("ar_baseline.py:size=S").model
+  assert (s.hidden, s.mlp, s.layers, s.heads) == (768, 2048, 12, 16)
+  ae = _load("autoencoder.py:size=base").model
+  assert (ae.hidden, ae.mlp, ae.latent_dim, ae.patch_size) == (512, 1280, 128, 4)
+
+
+def test_unknown_variant_is_an_error():
+  with pytest.raises(ValueError, match="Unknown config variant 'sise'"):
+    _load("autoencoder.py:sise=tiny")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.seq_len", 254, "not a multiple of the chunk size"),
+    ("data.vocab_size", 123, "config.model.vocab_size"),
+    ("data.packing", "zigzag", "config.data.packing"),
+    ("train.grad_accum_steps", 5, "grad_accum_steps"),
+    ("train.nan_policy", "ignore", "nan_policy"),
+])
+def test_validation_errors(field, value, message):
+  config = _load("autoencoder.py:size=tiny")
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_calm_requires_autoencoder_and_sane_beta():
+  config = _load("calm.py:size=tiny")
+  with pytest.raises(config_lib.ConfigError, match="config.autoencoder.workdir"):
+    config_lib.validate(config)
+  config.autoencoder.workdir = "/x"
+  config.model.beta = 2.0
+  with pytest.raises(config_lib.ConfigError, match="strictly proper"):
+    config_lib.validate(config)
+
+
+def test_save_load_roundtrip_and_changes(tmp_path):
+  config = _load("calm.py:size=tiny")
+  config_lib.save_config(config, str(tmp_path))
+  loaded = config_lib.load_config(str(tmp_path))
+  assert config_lib.config_changes(loaded, config) == []
+  assert loaded.mesh.rules == config.mesh.rules
+  config.train.steps += 10            # resumable: longer run
+  assert config_lib.config_changes(loaded, config) == []
+  config.model.hidden = 64
+  assert config_lib.config_changes(loaded, config) == [("model.hidden", 128, 64)]
+
+
+def test_autoencoder_mismatch_message():
+  calm = _load("calm.py:size=tiny,K=2")
+  ae = _load("autoencoder.py:size=tiny")
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.patch_size=2 does not match"):
+    config_lib.check_autoencoder_compatible(calm, ae, "/runs/ae")
+
+
+def test_missing_workdir_config(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="not a calm_jax workdir"):
+    config_lib.load_config(str(tmp_path))

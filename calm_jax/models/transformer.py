@@ -1,0 +1,115 @@
+"""The causal Llama-style Transformer stack (pre-norm RMSNorm, RoPE GQA attention, SwiGLU).
+
+Works on embeddings: x_BxLxD -> normed hidden states h_BxLxD. The model config fields
+read: hidden, mlp, layers, heads, kv_heads, rope_theta, norm_eps, init_std, remat,
+scan_layers. With scan_layers the blocks are one nn.scan (params get a leading
+'layers' axis, compile time flat in depth); otherwise they are layers_0..layers_{n-1}.
+
+KV cache (one layout for both): {'k': [layers, B, S, kv_heads, head_dim],
+'v': same, 'pos': int32[]} with pos = number of positions already written (the same
+for every row). init_cache is a pure function of the config; extend appends T positions.
+Writing past S is not checked (dynamic_update_slice clamps): size the cache for the run.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax.models.attention import Attention
+from calm_jax.models.layers import MLP, RMSNorm, constrain
+
+REMAT_POLICIES = {
+    "full": None,                                                   # save nothing
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+def head_dim(model_config):
+  return model_config.hidden // model_config.heads
+
+
+def init_cache(model_config, batch_size, max_len, dtype=jnp.float32):
+  """An empty KV cache for `max_len` positions (a pure function of the config)."""
+  shape = (model_config.layers, batch_size, max_len, model_config.kv_heads,
+           head_dim(model_config))
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "pos": jnp.zeros((), jnp.int32)}
+
+
+class Block(nn.Module):
+  """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  __call__(x, kv, pos) -> (x, kv): kv=None is the training path (full causal
+  attention); otherwise kv is this layer's cache and the T inputs go at pos.
+  """
+  config: object
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, kv, pos):
+    c = self.config
+    attn = Attention(c.hidden, c.heads, c.kv_heads, c.rope_theta, c.init_std,
+                     dtype=self.dtype, name="attn")
+    h = RMSNorm(c.norm_eps, dtype=self.dtype, name="attn_norm")(x_BxTxD)
+    if kv is None:
+      h = attn(h)
+    else:
+      h, kv = attn.extend(h, kv, pos)
+    x = constrain(x_BxTxD + h, ("batch", "length", "act_embed"))
+    h = RMSNorm(c.norm_eps, dtype=self.dtype, name="mlp_norm")(x)
+    h = MLP(c.hidden, c.mlp, c.init_std, dtype=self.dtype, name="mlp")(h)
+    x = constrain(x + h, ("batch", "length", "act_embed"))
+    return x, kv
+
+
+def _block_class(config):
+  if config.remat == "none":
+    return Block
+  if config.remat not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={config.remat!r}; use 'none', 'full' or 'dots'.")
+  return nn.remat(Block, policy=REMAT_POLICIES[config.remat],
+                  prevent_cse=not config.scan_layers)
+
+
+class Transformer(nn.Module):
+  """Causal Transformer on embeddings; final RMSNorm included."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+
+  def _blocks(self, x_BxTxD, cache_kv, pos):
+    """Runs every block; cache_kv is None or {'k','v'} stacked over layers."""
+    c = self.config
+    block = _block_class(c)
+    if c.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast), length=c.layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      return stack(c, dtype=self.dtype, name="layers")(x_BxTxD, cache_kv, pos)
+    new_kv = []
+    for i in range(c.layers):
+      kv_i = None if cache_kv is None else jax.tree.map(lambda a, i=i: a[i], cache_kv)
+      x_BxTxD, kv_i = block(c, dtype=self.dtype, name=f"layers_{i}")(x_BxTxD, kv_i, pos)
+      new_kv.append(kv_i)
+    if cache_kv is None:
+      return x_BxTxD, None
+    return x_BxTxD, jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
+
+  @nn.compact
+  def __call__(self, x_BxLxD, cache=None):
+    """h_BxLxD for positions 0..L-1; with a cache, extend(x, cache) (returns (h, cache))."""
+    x = constrain(jnp.asarray(x_BxLxD, self.dtype), ("batch", "length", "act_embed"))
+    if cache is None:
+      x, _ = self._blocks(x, None, None)
+    else:
+      pos = cache["pos"]
+      x, kv = self._blocks(x, {"k": cache["k"], "v": cache["v"]}, pos)
+      cache = dict(kv, pos=pos + x_BxLxD.shape[1])
+    h = RMSNorm(self.config.norm_eps, dtype=self.dtype, name="final_norm")(x)
+    return h if cache is None else (h, cache)
+
+  def extend(self, x_BxTxD, cache):
+    """Incremental decoding: appends T positions at cache['pos']; returns (h_BxTxD, cache)."""
+    return self(x_BxTxD, cache)
+
+  def init_cache(self, batch_size, max_len):
+    """An empty cache in the compute dtype (needs no params)."""
+    return init_cache(self.config, batch_size, max_len, self.dtype)

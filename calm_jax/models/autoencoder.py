@@ -1,0 +1,151 @@
+"""The CALM autoencoder (stage 1): K tokens <-> one l-dim Gaussian latent, trained as a robust VAE.
+
+Encoder: embed K tokens, the first half of the residual MLP layers per token, flatten
+K*D -> linear -> D, the second half, RMSNorm, linear to 2l = (mean, log_std).
+Decoder mirrors it: linear l -> D, layers, linear D -> K*D, layers, RMSNorm and the
+encoder's embedding (tied) to vocab logits. The four projections carry biases, as in the
+paper's code; the MLPs do not. Params: 'embed', 'encoder', 'decoder'.
+
+Training (train=True): 15% of input tokens become mask_id, z = mean + std * eps,
+dropout on z, loss = K * CE + kl_weight * KL with the per-dim KL clipped from below.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax.models.layers import MLP, Dense, Embed, RMSNorm, constrain
+from calm_jax.models.losses import cross_entropy, masked_mean
+
+
+class AELayer(nn.Module):
+  """x + SwiGLU(RMSNorm(x)): the autoencoder's residual MLP layer."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_NxKxD):
+    c = self.config
+    h = RMSNorm(c.norm_eps, dtype=self.dtype, name="norm")(x_NxKxD)
+    h = MLP(c.hidden, c.mlp, c.init_std, dtype=self.dtype, name="mlp")(h)
+    return constrain(x_NxKxD + h, ("batch", "length", "act_embed"))
+
+
+def _stage_layers(n, field):
+  if n % 2 or n < 2:
+    raise ValueError(f"config.model.{field}={n}: the autoencoder splits its layers into two "
+                     "equal stages around the squeeze/expand; use an even number >= 2.")
+  return n // 2
+
+
+def _dense(c, features, axes, name, dtype, use_bias=True):
+  return Dense(features, axes, c.init_std, use_bias=use_bias, dtype=dtype, name=name)
+
+
+class Encoder(nn.Module):
+  """Token embeddings x_NxKxD -> (mean_Nxl, log_std_Nxl) in float32."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_NxKxD):
+    c = self.config
+    half = _stage_layers(c.encoder_layers, "encoder_layers")
+    x = x_NxKxD
+    for i in range(2 * half):
+      if i == half:      # squeeze: the K token vectors become one
+        x = x.reshape(x.shape[0], 1, -1)
+        x = _dense(c, c.hidden, ("mlp", "embed"), "squeeze", self.dtype)(x)
+      x = AELayer(c, dtype=self.dtype, name=f"layers_{i}")(x)
+    x = RMSNorm(c.norm_eps, dtype=self.dtype, name="norm")(x)
+    latent = _dense(c, 2 * c.latent_dim, ("embed", "latent"), "to_latent", self.dtype)(x)
+    mean, log_std = jnp.split(jnp.asarray(latent[:, 0], jnp.float32), 2, axis=-1)
+    return mean, log_std
+
+
+class Decoder(nn.Module):
+  """z_Nxl -> normed hidden states h_NxKxD (the caller projects to the vocab)."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z_Nxl):
+    c = self.config
+    half = _stage_layers(c.decoder_layers, "decoder_layers")
+    x = _dense(c, c.hidden, ("latent", "embed"), "from_latent", self.dtype)(z_Nxl[:, None])
+    for i in range(2 * half):
+      if i == half:      # expand: one vector becomes K token vectors
+        x = _dense(c, c.patch_size * c.hidden, ("embed", "mlp"), "expand", self.dtype)(x)
+        x = x.reshape(x.shape[0], c.patch_size, c.hidden)
+      x = AELayer(c, dtype=self.dtype, name=f"layers_{i}")(x)
+    return RMSNorm(c.norm_eps, dtype=self.dtype, name="norm")(x)
+
+
+class Autoencoder(nn.Module):
+  """Stage-1 model. noise_sigmas: eval accuracies with Gaussian noise of these sigmas on z."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+  noise_sigmas: tuple = ()
+
+  def setup(self):
+    c = self.config
+    self.embed = Embed(c.vocab_size, c.hidden, c.init_std, dtype=self.dtype)
+    self.encoder = Encoder(c, dtype=self.dtype)
+    self.decoder = Decoder(c, dtype=self.dtype)
+    self.latent_dropout = nn.Dropout(c.latent_dropout)
+
+  def encode(self, tokens_NxK):
+    """(mean_Nxl, log_std_Nxl) of the posterior, float32; deterministic, no masking."""
+    x = constrain(self.embed(tokens_NxK), ("batch", "length", "act_embed"))
+    return self.encoder(x)
+
+  def decode(self, z_Nxl):
+    """logits_NxKxV (compute dtype) of the K tokens, through the tied embedding."""
+    logits = self.embed.attend(self.decoder(jnp.asarray(z_Nxl, self.dtype)))
+    return constrain(logits, ("batch", "length", "act_vocab"))
+
+  def _accuracy(self, z_Nxl, tokens_NxK, mask_NxK):
+    logits = self.decode(jax.lax.stop_gradient(z_Nxl))
+    return masked_mean(jnp.argmax(logits, axis=-1) == tokens_NxK, mask_NxK)
+
+  def __call__(self, batch, train=False):
+    c = self.config
+    k = c.patch_size
+    if batch["tokens"].shape[-1] % k:
+      raise ValueError(f"Autoencoder: the sequence length {batch['tokens'].shape[-1]} is not "
+                       f"a multiple of config.model.patch_size={k}; fix config.data.seq_len.")
+    tokens_NxK = jnp.asarray(batch["tokens"], jnp.int32).reshape(-1, k)
+    mask_NxK = jnp.asarray(batch["mask"], jnp.float32).reshape(-1, k)
+    chunk_valid_N = jnp.max(mask_NxK, axis=-1)          # all-padding chunks carry no loss
+
+    inputs_NxK = tokens_NxK
+    if train:
+      keep = jax.random.uniform(self.make_rng("dropout"), tokens_NxK.shape) >= c.token_mask_rate
+      inputs_NxK = jnp.where(keep, tokens_NxK, c.mask_id)
+    mean, log_std = self.encode(inputs_NxK)
+    std = jnp.exp(log_std)
+    z = mean + std * jax.random.normal(self.make_rng("sample"), mean.shape, mean.dtype)
+    z = self.latent_dropout(z, deterministic=not train)
+    logits = self.decode(z)
+
+    ce_NxK, correct_NxK = cross_entropy(logits, tokens_NxK)
+    recon = masked_mean(ce_NxK, mask_NxK)
+    kl_Nxl = 0.5 * (jnp.square(mean) + jnp.square(std) - 1.0 - 2.0 * log_std)
+    kl = masked_mean(jnp.sum(jnp.maximum(kl_Nxl, c.kl_clip), axis=-1), chunk_valid_N)
+    loss = recon * k + c.kl_weight * kl
+
+    # Accuracy from the posterior mean of the clean (unmasked) input.
+    clean_mean = self.encode(tokens_NxK)[0] if train else mean
+    metrics = {
+        "loss": loss,
+        "recon_loss": recon,
+        "kl": kl,
+        "kl_unclipped": masked_mean(jnp.sum(kl_Nxl, axis=-1), chunk_valid_N),
+        "token_accuracy": self._accuracy(clean_mean, tokens_NxK, mask_NxK),
+    }
+    if not train:
+      metrics["token_accuracy_sample"] = masked_mean(correct_NxK, mask_NxK)
+      for sigma in self.noise_sigmas:
+        noise = jax.random.normal(self.make_rng("sample"), mean.shape, mean.dtype)
+        metrics[f"token_accuracy_noise_{sigma:g}"] = self._accuracy(
+            mean + sigma * noise, tokens_NxK, mask_NxK)
+    return loss, metrics

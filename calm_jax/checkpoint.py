@@ -33,10 +33,19 @@ def abstract_like(tree, shardings):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _use_plain_array_writes():
+  """On CPU, orbax's replica-parallel save slices every replicated array with a freshly
+  compiled op per slice shape (seconds per save); write whole replicas instead."""
+  if jax.default_backend() == "cpu":
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
   """CheckpointManager with the item names and options calm_jax uses."""
 
   def __init__(self, workdir, every_steps=1, keep=None, async_save=True, read_only=False):
+    _use_plain_array_writes()
     self.directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(

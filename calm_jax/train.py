@@ -68,6 +68,12 @@ def _dummy_batch(num_rows, seq_len):
           "mask": jnp.ones((num_rows, seq_len), jnp.int32)}
 
 
+def strip_boxes(tree):
+  """Removes the logical-axis boxes without applying sharding constraints (abstract trees)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def param_count(tree):
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -92,7 +98,7 @@ def build(config, workdir, mesh, axis_rules):
       model=model, tx=tx, schedule=schedule, ae_config=ae_config, init_params=init_params,
       state_shardings=sharding.tree_shardings(state_boxed, mesh, axis_rules),
       frozen_shardings=sharding.tree_shardings(frozen_boxed, mesh, axis_rules),
-      abstract_state=nn.unbox(state_boxed), abstract_frozen=nn.unbox(frozen_boxed))
+      abstract_state=strip_boxes(state_boxed), abstract_frozen=strip_boxes(frozen_boxed))
 
 
 def init_state(parts, seed):
@@ -133,8 +139,11 @@ def evaluate(eval_step, params, frozen, config, tokenizer, batch_sharding, num_b
   return {f"eval/{k}": v / max(weight, 1.0) for k, v in totals.items()}
 
 
-def train_and_evaluate(config, workdir):
-  """Trains config.stage in workdir; returns the last logged metrics."""
+def train_and_evaluate(config, workdir, devices=None):
+  """Trains config.stage in workdir; returns the last logged metrics.
+
+  devices: the devices of the mesh (default: all), e.g. one device in tests.
+  """
   # -- Config ---------------------------------------------------------------
   config_lib.validate(config)
   is_primary = jax.process_index() == 0
@@ -142,7 +151,7 @@ def train_and_evaluate(config, workdir):
   _check_workdir_config(config, workdir)
 
   # -- Mesh -------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   axis_rules = sharding.rules(config)
   shards = sharding.batch_shards(mesh, axis_rules)
   for field, size in (("train.batch_size", config.train.batch_size),

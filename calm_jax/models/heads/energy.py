@@ -1,0 +1,96 @@
+"""The energy head: one forward pass turns uniform noise and a backbone state into a latent sample.
+
+  u ~ U[-0.5, 0.5]^noise_dim -> linear to D -> LayerNorm            (the stream x)
+  h (backbone state)         -> linear to D -> LayerNorm            (the condition c)
+  num_head_blocks x  x <- x + down(silu(gate) * up),  [gate, up] = MLP(concat(LayerNorm(x), c))
+                                         MLP: 2D -> D, SiLU, D -> D, SiLU, D -> 2D
+  LayerNorm -> linear D -> D -> SiLU -> linear D -> l   (last layer zero-initialised)
+
+Trained with the energy loss (energy_score.py): N head samples against M samples of
+the frozen autoencoder's posterior per position. Linear layers start as normal(init_std)
+with zero bias, as the reference's Llama-style initialisation.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax.models import energy_score
+from calm_jax.models.heads import common
+
+
+class FusionBlock(nn.Module):
+  """x + down(silu(gate) * up) with [gate, up] from an MLP over concat(LayerNorm(x), c)."""
+  width: int
+  init_std: float
+  norm_eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_xD, c_xD):
+    d, init = self.width, common.normal(self.init_std)
+    dense = lambda f, axes, name: common.dense(f, axes, init, self.dtype, name)
+    h = jnp.concatenate([common.layer_norm(self.norm_eps, self.dtype, "norm")(x_xD),
+                         jnp.asarray(c_xD, self.dtype)], axis=-1)
+    h = nn.silu(dense(d, ("embed", "mlp"), "fuse")(h))
+    h = nn.silu(dense(d, ("mlp", "embed"), "hidden")(h))
+    gate, up = jnp.split(dense(2 * d, ("embed", "mlp"), "gate_up")(h), 2, axis=-1)
+    return x_xD + dense(d, ("mlp", "embed"), "down")(nn.silu(gate) * up)
+
+
+class EnergyHead(nn.Module):
+  """Energy head; methods loss(h, mean, log_std) and sample(h) (rng stream 'sample')."""
+  model_config: Any
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg = self.model_config
+    d, init = cfg.hidden, common.normal(cfg.init_std)
+    ln = lambda name: common.layer_norm(cfg.norm_eps, self.dtype, name)
+    self.noise_embed = common.dense(d, ("noise", "embed"), init, self.dtype, "noise_embed")
+    self.noise_norm = ln("noise_norm")
+    self.hidden_embed = common.dense(d, ("embed", "mlp"), init, self.dtype, "hidden_embed")
+    self.hidden_norm = ln("hidden_norm")
+    self.blocks = [FusionBlock(d, cfg.init_std, cfg.norm_eps, self.dtype, name=f"block_{i}")
+                   for i in range(cfg.num_head_blocks)]
+    self.final_norm = ln("final_norm")
+    self.final_hidden = common.dense(d, ("embed", "mlp"), init, self.dtype, "final_hidden")
+    self.final_out = common.zero_dense(cfg.latent_dim, ("mlp", "latent"), self.dtype,
+                                       "final_out")
+
+  def condition(self, h_xD):
+    """The backbone state as the blocks' condition c (computed once per position)."""
+    return self.hidden_norm(self.hidden_embed(h_xD))
+
+  def generate(self, c_xD, u_xU):
+    """Noise u ([..., noise_dim]) and condition c ([..., D], broadcastable) -> latent [..., l]."""
+    x = self.noise_norm(self.noise_embed(u_xU))
+    c_xD = jnp.broadcast_to(c_xD, x.shape)
+    for block in self.blocks:
+      x = block(x, c_xD)
+    x = self.final_out(nn.silu(self.final_hidden(self.final_norm(x))))
+    return jnp.asarray(x, jnp.float32)
+
+  def _noise(self, shape):
+    return jax.random.uniform(self.make_rng("sample"), shape + (self.model_config.noise_dim,),
+                              jnp.float32, minval=-0.5, maxval=0.5)
+
+  def sample(self, h_xD):
+    """One head sample per backbone vector: h [..., D] -> z [..., l] (float32)."""
+    return self.generate(self.condition(h_xD), self._noise(h_xD.shape[:-1]))
+
+  def loss(self, h_NxD, mean_Nxl, log_std_Nxl):
+    """Energy loss per position: (loss_N, metrics of float32[N])."""
+    cfg = self.model_config
+    n = h_NxD.shape[0]
+    x_SxNxl = self.generate(self.condition(h_NxD)[None], self._noise((cfg.num_model_samples, n)))
+    y_MxNxl = common.posterior_samples(self.make_rng("sample"), mean_Nxl, log_std_Nxl,
+                                       cfg.num_target_samples)
+    fidelity_N, diversity_N = energy_score.energy_terms(x_SxNxl, y_MxNxl, cfg.beta)
+    loss_N = 2.0 * fidelity_N - diversity_N
+    mean_sq_SxN = jnp.sum(jnp.square(x_SxNxl - jnp.asarray(mean_Nxl, jnp.float32)), axis=-1)
+    sample_to_mean_N = jnp.mean(energy_score.safe_norm_pow(mean_sq_SxN, 1.0), axis=0)
+    metrics = dict(energy_loss=loss_N, fidelity=fidelity_N, diversity=diversity_N,
+                   sample_to_mean=jax.lax.stop_gradient(sample_to_mean_N))
+    return loss_N, metrics

@@ -7,6 +7,7 @@ temporary directory and renames it when complete, so a run killed mid-write neve
 leaves a checkpoint that `latest_step` would pick; a checkpoint that fails to
 restore is reported by name and the previous one is used.
 """
+import functools
 import logging
 import os
 
@@ -33,6 +34,7 @@ def abstract_like(tree, shardings):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+@functools.cache
 def _use_plain_array_writes():
   """On CPU, orbax's replica-parallel save slices every replicated array with a freshly
   compiled op per slice shape (seconds per save); write whole replicas instead."""

@@ -96,8 +96,11 @@ def _require(condition, message):
     raise ConfigError(message)
 
 
-def validate(config):
-  """Checks that need no devices or files; raises ConfigError naming the field and the fix."""
+def validate(config, require_autoencoder=True):
+  """Checks that need no devices or files; raises ConfigError naming the field and the fix.
+
+  require_autoencoder=False lets --compile_only check a CALM config without a stage-1 run.
+  """
   _require(config.stage in STAGES,
            f"config.stage={config.stage!r}: must be one of {STAGES}.")
   k = config.model.patch_size
@@ -127,7 +130,7 @@ def validate(config):
   _require(config.train.steps >= 0, f"config.train.steps={config.train.steps}: must be >= 0.")
   _require(bool(config.data.train), "config.data.train is empty: give a data SPEC (see README).")
   if config.stage == "calm":
-    _require(bool(config.autoencoder.workdir),
+    _require(bool(config.autoencoder.workdir) or not require_autoencoder,
              "config.autoencoder.workdir is empty: stage 2 needs a finished autoencoder run; "
              "pass --config.autoencoder.workdir=DIR.")
     _require(config.model.head in ("energy", "flow", "diffusion"),

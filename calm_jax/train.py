@@ -24,8 +24,10 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
+from calm_jax import aot
 from calm_jax import checkpoint
 from calm_jax import config_lib
+from calm_jax import logging_setup
 from calm_jax import metrics_writer
 from calm_jax import optimizer
 from calm_jax import sharding
@@ -39,6 +41,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/autoencoder.py:size=tiny.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile the train step for the mesh (or --topology), report the "
+    "per-device memory and FLOPs into WORKDIR/compile_report.json, and exit without training.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --compile_only: a TPU topology to compile for, e.g. v5p-64.")
 
 
 class TrainingHalted(user_errors.UserError):
@@ -78,9 +85,13 @@ def param_count(tree):
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def build(config, workdir, mesh, axis_rules):
-  """Model, optimizer, abstract state and shardings, without touching any data."""
-  ae_config = stages.autoencoder_config(config) if config.stage == "calm" else None
+def build(config, mesh, axis_rules, ae_config=None):
+  """Model, optimizer, abstract state and shardings, without touching any data.
+
+  ae_config: the stage-1 run's config for a CALM run (default: read from its workdir).
+  """
+  if config.stage == "calm" and ae_config is None:
+    ae_config = stages.autoencoder_config(config)
   model = build_model(config, ae_model_config=ae_config.model if ae_config else None)
   tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
   rows = sharding.batch_shards(mesh, axis_rules)
@@ -175,7 +186,7 @@ def train_and_evaluate(config, workdir, devices=None):
 
   with sharding.activate(mesh, axis_rules):
     # -- Model and shardings -------------------------------------------------
-    parts = build(config, workdir, mesh, axis_rules)
+    parts = build(config, mesh, axis_rules)
     frozen = restore_frozen(config, parts)
     counts = {"params/trainable": param_count(parts["abstract_state"].params),
               "params/frozen": param_count(parts["abstract_frozen"])}
@@ -278,14 +289,33 @@ def train_and_evaluate(config, workdir, devices=None):
   return last_logged
 
 
+def compile_only(config, workdir, topology=None):
+  """--compile_only: the memory and FLOP report of one train step, no data, no training."""
+  config_lib.validate(config, require_autoencoder=False)
+  devices = aot.topology_devices(topology) if topology else None
+  mesh = sharding.make_mesh(config.mesh, devices)
+  axis_rules = sharding.rules(config)
+  ae_config = None
+  if config.stage == "calm" and not config.autoencoder.workdir:
+    ae_config = aot.paper_autoencoder_config(config)
+  with sharding.activate(mesh, axis_rules):
+    parts = build(config, mesh, axis_rules, ae_config=ae_config)
+    report = aot.compile_train_step(config, parts, mesh, axis_rules)
+  aot.write_report(report, workdir)
+  return report
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
-  logging.getLogger().setLevel(logging.INFO)
+  logging_setup.setup()
   with user_errors.exit_on_user_error():
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _COMPILE_ONLY.value:
+      compile_only(_CONFIG.value, _WORKDIR.value, _TOPOLOGY.value)
+    else:
+      train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def run():

@@ -67,7 +67,7 @@ def data_config():
       skip_bad_records=False,           # skip malformed JSONL lines with a warning
       worker_count=0,                   # grain worker processes (0: in-process)
       prefetch=2,                       # batches prefetched per process
-      tokenizer_max_chars=20_000_000,   # characters sampled to train a tokenizer
+      tokenizer_max_chars=5_000_000,    # characters sampled to train a tokenizer
   ))
 
 

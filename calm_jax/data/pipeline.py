@@ -1,0 +1,175 @@
+"""The grain input pipeline: documents -> token blocks -> per-process numpy batches.
+
+  source --(train: shuffle per epoch, repeat forever)--> this process's slice
+  (documents i with i % process_count == process_index) --> tokenize + EOS
+  --> pack into blocks of seq_len --> batch --> prefetch
+
+Packing (both keep every token exactly once, in order):
+  'concat'         documents, each followed by EOS, are concatenated and cut into
+                   blocks of seq_len; a document may span blocks.
+  'chunk_aligned'  each document + EOS is padded with PAD to a multiple of K
+                   (chunk_size) before concatenating, so no K-token chunk crosses
+                   a document; pad positions have mask 0.
+Training repeats the source forever, so no tail is ever dropped. An eval pass is
+finite: its last block is padded with mask-0 positions and its last batch with
+mask-0 rows. The iterator state (get_state/set_state, or orbax with
+grain.checkpoint.CheckpointSave/CheckpointRestore) restores the exact next batch.
+"""
+import atexit
+import weakref
+
+import grain
+import numpy as np
+
+from calm_jax.data import sources
+from calm_jax.data import tokenizer as tokenizer_lib
+
+PACKINGS = ("concat", "chunk_aligned")
+# Documents read ahead (and tokenized) by grain's reader threads.
+_READ_THREADS = 2
+_READ_BUFFER = 64
+# Iterators handed out by make_iterator, closed at exit: grain's prefetch threads
+# otherwise fail noisily in __del__ once the interpreter has torn modules down.
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators():
+  for iterator in list(_LIVE_ITERATORS):
+    iterator.close()
+
+
+def _is_nonempty(document):
+  return len(document) > 0
+
+
+class _ToExample(grain.transforms.Map):
+  """A document (text or token ids) -> {'tokens', 'mask'}: ids + EOS (+ PAD to a multiple of K)."""
+
+  def __init__(self, tokenizer, chunk_size):
+    self._tokenizer = tokenizer
+    self._chunk_size = chunk_size
+
+  def map(self, document):
+    if isinstance(document, str):
+      document = self._tokenizer.encode(document)
+    n = len(document) + 1
+    length = -(-n // self._chunk_size) * self._chunk_size
+    tokens_L = np.full(length, tokenizer_lib.PAD_ID, np.int32)
+    tokens_L[:n - 1] = document
+    tokens_L[n - 1] = tokenizer_lib.EOS_ID
+    mask_L = np.zeros(length, np.int32)
+    mask_L[:n] = 1
+    return {"tokens": tokens_L, "mask": mask_L}
+
+
+class _DropPackingInfo(grain.transforms.Map):
+  """Keeps only tokens and mask of a packed block (positions beyond the data are 0 = PAD)."""
+
+  def map(self, block):
+    return {"tokens": block["tokens"], "mask": block["mask"]}
+
+
+class _PadRows(grain.transforms.Map):
+  """Pads the short last batch of an eval pass with all-PAD, mask-0 rows."""
+
+  def __init__(self, batch_size):
+    self._batch_size = batch_size
+
+  def map(self, batch):
+    missing = self._batch_size - batch["tokens"].shape[0]
+    if missing <= 0:
+      return batch
+    return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()}
+
+
+def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
+                 chunk_size=1, shuffle=False, seed=0, repeat=False,
+                 process_index=0, process_count=1, skip_bad_records=False,
+                 worker_count=0, prefetch=0):
+  """A grain IterDataset of per-process batches {'tokens', 'mask'}: int32[batch_size, seq_len].
+
+  Args:
+    spec: a data SPEC string (see sources.py) or an already parsed source.
+    tokenizer: a tokenizer.Tokenizer (unused for arrayrecord token sources).
+    seq_len: tokens per row; a multiple of chunk_size.
+    batch_size: rows per batch on this process.
+    packing: 'concat' or 'chunk_aligned' (see the module docstring).
+    chunk_size: K, the chunk length that 'chunk_aligned' keeps within a document.
+    shuffle: shuffle documents with `seed` (a new order every epoch).
+    seed: shuffle seed.
+    repeat: repeat forever (training); else one pass with padded tail (eval).
+    process_index, process_count: this process reads documents
+      process_index, process_index + process_count, ... of the (shuffled) stream.
+    skip_bad_records: skip malformed JSONL lines with a warning instead of failing.
+    worker_count: grain worker processes (0 = in this process).
+    prefetch: batches prefetched by a background thread (when worker_count == 0).
+  """
+  if packing not in PACKINGS:
+    raise ValueError(f"packing={packing!r}: use one of {PACKINGS}.")
+  if seq_len % chunk_size:
+    raise ValueError(f"seq_len={seq_len} is not a multiple of the chunk size K={chunk_size}.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+  source = sources.parse_spec(spec, skip_bad_records) if isinstance(spec, str) else spec
+  if len(source) == 0:
+    raise sources.DataError(f"The data SPEC {spec!r} has no documents.")
+
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat()  # reseeds the shuffle every epoch
+  ds = ds[process_index::process_count]
+  ds = ds.filter(_is_nonempty)
+  ds = ds.map(_ToExample(tokenizer, chunk_size if packing == "chunk_aligned" else 1))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
+                                            prefetch_buffer_size=_READ_BUFFER))
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={"tokens": seq_len, "mask": seq_len})
+  ds = ds.map(_DropPackingInfo())
+  ds = ds.batch(batch_size, drop_remainder=False)
+  if not repeat:
+    ds = ds.map(_PadRows(batch_size))
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  elif prefetch > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  return ds
+
+
+def make_iterator(config, tokenizer, split="train", process_index=None, process_count=None):
+  """The checkpointable grain DatasetIterator of this process's batches for a run.
+
+  split='train': config.data.train, shuffled with config.train.seed, repeats
+  forever, rows of config.data.seq_len, config.train.batch_size // process_count
+  rows. split='eval': config.data.eval, one pass in order, rows of
+  config.eval.block_len, config.eval.batch_size // process_count rows.
+  Process index/count default to jax.process_index()/jax.process_count().
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if split == "train":
+    spec, seq_len, global_batch = config.data.train, config.data.seq_len, config.train.batch_size
+    field = "config.train.batch_size"
+  elif split == "eval":
+    spec, seq_len, global_batch = config.data.eval, config.eval.block_len, config.eval.batch_size
+    field = "config.eval.batch_size"
+  else:
+    raise ValueError(f"split={split!r}: use 'train' or 'eval'.")
+  if global_batch % process_count:
+    raise ValueError(
+        f"{field}={global_batch} is not divisible by the {process_count} processes; "
+        f"use a multiple of {process_count}.")
+  training = split == "train"
+  ds = make_dataset(
+      spec, tokenizer, seq_len=seq_len, batch_size=global_batch // process_count,
+      packing=config.data.packing, chunk_size=config.model.patch_size,
+      shuffle=training, seed=config.train.seed, repeat=training,
+      process_index=process_index, process_count=process_count,
+      skip_bad_records=config.data.skip_bad_records,
+      worker_count=config.data.worker_count, prefetch=config.data.prefetch)
+  iterator = iter(ds)
+  _LIVE_ITERATORS.add(iterator)
+  return iterator

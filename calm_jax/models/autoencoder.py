@@ -8,6 +8,9 @@ paper's code; the MLPs do not. Params: 'embed', 'encoder', 'decoder'.
 
 Training (train=True): 15% of input tokens become mask_id, z = mean + std * eps,
 dropout on z, loss = K * CE + kl_weight * KL with the per-dim KL clipped from below.
+Metrics: loss, recon_loss (CE per real token), kl (clipped, as in the loss), kl_unclipped;
+train: token_accuracy_train (of the noisy training reconstruction); eval: token_accuracy
+(decode of the posterior mean), token_accuracy_sample, token_accuracy_noise_<sigma>.
 """
 import flax.linen as nn
 import jax

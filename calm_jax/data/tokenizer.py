@@ -5,7 +5,6 @@ every tokenizer we train uses them, and `Tokenizer.load` refuses a model that
 does not (a model trained elsewhere would silently shift pad/eos).
 """
 import io
-import itertools
 import logging
 import os
 
@@ -22,6 +21,7 @@ MODEL_TYPES = ("bpe", "unigram")
 # bytes per character, hence the margin below the trainer limit).
 _MAX_SENTENCE_CHARS = 4096
 _MAX_SENTENCE_BYTES = 4 * _MAX_SENTENCE_CHARS
+_CHARACTER_COVERAGES = (0.9995, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
 
 
 class TokenizerError(Exception):
@@ -44,12 +44,37 @@ def _training_sentences(texts, max_chars):
           return
 
 
+def _train(sentences, vocab_size, model_type, character_coverage):
+  """Runs the SentencePiece trainer; returns the serialized model."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      byte_fallback=True,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      # Exact round trip: no Unicode normalization, keep every space.
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      character_coverage=character_coverage,
+      max_sentence_length=_MAX_SENTENCE_BYTES,
+      input_sentence_size=10_000_000,
+      shuffle_input_sentence=True,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+  )
+  return model.getvalue()
+
+
 def train_tokenizer(texts, vocab_size, output_path, model_type="bpe",
                     max_chars=20_000_000):
   """Trains a byte-fallback SentencePiece model on `texts` and writes it to output_path.
 
   Args:
-    texts: iterable of document strings (read lazily, up to max_chars characters).
+    texts: iterable of document strings (read up to max_chars characters).
     vocab_size: number of pieces, including the 4 special ids and 256 byte pieces.
     output_path: where the .model file goes (its directory is created).
     model_type: 'bpe' or 'unigram'.
@@ -65,37 +90,22 @@ def train_tokenizer(texts, vocab_size, output_path, model_type="bpe",
     raise TokenizerError(
         f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 pieces "
         "plus 4 special ids; use at least 300.")
-  sentences = _training_sentences(texts, max_chars)
-  first = list(itertools.islice(sentences, 1))
-  if not first:
+  sentences = list(_training_sentences(texts, max_chars))
+  if not sentences:
     raise TokenizerError(
         f"No training text for the tokenizer {output_path}: the data source is empty.")
-  model = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=itertools.chain(first, sentences),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=True,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        # Exact round trip: no Unicode normalization, keep every space.
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        character_coverage=0.9995,
-        max_sentence_length=_MAX_SENTENCE_BYTES,
-        input_sentence_size=10_000_000,
-        shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
-  except RuntimeError as e:
-    raise TokenizerError(f"Training the tokenizer {output_path} failed: {e}") from e
+  # Characters outside the coverage fall back to bytes; a small vocabulary may not
+  # hold every frequent character, so the coverage is lowered until it fits.
+  for coverage in _CHARACTER_COVERAGES:
+    try:
+      model = _train(sentences, vocab_size, model_type, coverage)
+      break
+    except RuntimeError as e:
+      if "smaller than required_chars" not in str(e) or coverage == _CHARACTER_COVERAGES[-1]:
+        raise TokenizerError(f"Training the tokenizer {output_path} failed: {e}") from e
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   with open(output_path, "wb") as f:
-    f.write(model.getvalue())
+    f.write(model)
   logging.info("Wrote a %d-piece %s tokenizer to %s", vocab_size, model_type, output_path)
   return Tokenizer.load(output_path)
 

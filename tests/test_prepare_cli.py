@@ -1,0 +1,67 @@
+"""Tests of the calm-tokenizer and calm-prepare command lines: summaries and one-line errors."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from calm_jax.data import prepare
+from calm_jax.data import sources
+from calm_jax.data import tokenizer as tokenizer_lib
+from calm_jax.data import train_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_calm_tokenizer_writes_a_model_and_prints_a_summary(tmp_path, capsys):
+  output = tmp_path / "t.model"
+  train_tokenizer.run(["--data", "builtin:python_docs:valid", "--vocab_size", "320",
+                       "--output", str(output), "--max_chars", "100000"])
+  out = capsys.readouterr().out
+  assert f"wrote {output}: 320 bpe pieces" in out and "characters/token" in out
+  assert tokenizer_lib.Tokenizer.load(str(output)).vocab_size == 320
+
+
+def test_calm_prepare_summary(tmp_path, tiny_tokenizer_path, capsys):
+  data = tmp_path / "c.jsonl"
+  data.write_text("".join(json.dumps({"text": f"doc {i} " * 20}) + "\n" for i in range(10)))
+  out_dir = tmp_path / "D"
+  prepare.run(["--data", f"jsonl:{data}", "--tokenizer", tiny_tokenizer_path,
+               "--output", str(out_dir), "--num_shards", "2"])
+  out = capsys.readouterr().out
+  assert "calm-prepare: 10 documents," in out and "2 shards" in out
+  assert len(sources.parse_spec(f"arrayrecord:{out_dir}")) == 10
+  # A rerun with fewer shards replaces the old ones instead of mixing them in.
+  prepare.run(["--data", f"jsonl:{data}", "--tokenizer", tiny_tokenizer_path,
+               "--output", str(out_dir), "--num_shards", "1"])
+  assert len(sources.parse_spec(f"arrayrecord:{out_dir}")) == 10
+
+
+@pytest.mark.parametrize("data, message", [
+    ("parquet:x", "Unknown data SPEC 'parquet:x'"),
+    ("jsonl:/nonexistent/*.jsonl", "/nonexistent/*.jsonl matches no files"),
+])
+def test_calm_prepare_bad_spec_exits_with_one_line(data, message, tiny_tokenizer_path, tmp_path,
+                                                    capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    prepare.run(["--data", data, "--tokenizer", tiny_tokenizer_path,
+                 "--output", str(tmp_path / "D")])
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err
+  assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_calm_prepare_malformed_jsonl_subprocess(tmp_path, tiny_tokenizer_path):
+  data = tmp_path / "bad.jsonl"
+  data.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  result = subprocess.run(
+      [sys.executable, "-m", "calm_jax.data.prepare", "--data", f"jsonl:{data}",
+       "--tokenizer", tiny_tokenizer_path, "--output", str(tmp_path / "D")],
+      capture_output=True, text=True, env=env, timeout=120, check=False)
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr + result.stdout
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and f"{data}:3: malformed JSON" in lines[0]

@@ -12,12 +12,14 @@ Packing (both keep every token exactly once, in order):
                    a document; pad positions have mask 0.
 Training repeats the source forever, so no tail is ever dropped. An eval pass is
 finite: its last block is padded with mask-0 positions and its last batch with
-mask-0 rows. The iterator state (get_state/set_state, or orbax with
-grain.checkpoint.CheckpointSave/CheckpointRestore) restores the exact next batch.
-"""
-import atexit
-import weakref
+mask-0 rows. Packing is grain.experimental.ConcatThenSplitIterDataset, so the
+iterator state (get_state/set_state, or orbax with grain.checkpoint.CheckpointSave /
+CheckpointRestore) is small JSON and restores the exact next batch (for the same
+process count).
 
+Sharding is by document, so the processes' eval passes may differ in length by
+a batch or so; a multi-process evaluator must agree on how many batches to run.
+"""
 import grain
 import numpy as np
 
@@ -28,15 +30,6 @@ PACKINGS = ("concat", "chunk_aligned")
 # Documents read ahead (and tokenized) by grain's reader threads.
 _READ_THREADS = 2
 _READ_BUFFER = 64
-# Iterators handed out by make_iterator, closed at exit: grain's prefetch threads
-# otherwise fail noisily in __del__ once the interpreter has torn modules down.
-_LIVE_ITERATORS = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_iterators():
-  for iterator in list(_LIVE_ITERATORS):
-    iterator.close()
 
 
 def _is_nonempty(document):
@@ -170,6 +163,4 @@ def make_iterator(config, tokenizer, split="train", process_index=None, process_
       process_index=process_index, process_count=process_count,
       skip_bad_records=config.data.skip_bad_records,
       worker_count=config.data.worker_count, prefetch=config.data.prefetch)
-  iterator = iter(ds)
-  _LIVE_ITERATORS.add(iterator)
-  return iterator
+  return iter(ds)

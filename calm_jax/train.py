@@ -30,6 +30,7 @@ from calm_jax import config_lib
 from calm_jax import logging_setup
 from calm_jax import metrics_writer
 from calm_jax import optimizer
+from calm_jax import preemption
 from calm_jax import sharding
 from calm_jax import stages
 from calm_jax import steps as steps_lib
@@ -255,37 +256,44 @@ def train_and_evaluate(config, workdir, devices=None):
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
       return metrics
 
-    try:
-      for step in range(start, total):
-        batch = sharding.to_global_batch(next(train_iter), batch_sharding)
-        state, metrics = train_step(state, frozen, batch, rng)
-        if pending is not None:           # pull step n-1's metrics after dispatching step n
+    with preemption.PreemptionWatcher() as watcher:
+      try:
+        for step in range(start, total):
+          batch = sharding.to_global_batch(next(train_iter), batch_sharding)
+          state, metrics = train_step(state, frozen, batch, rng)
+          if pending is not None:           # pull step n-1's metrics after dispatching step n
+            last_logged = flush(pending)
+            pending = None
+          done = step + 1
+          bar.update(1)
+          if done % config.train.log_every == 0 or done == total:
+            pending = (done, metrics)
+          if config.train.eval_every and (done % config.train.eval_every == 0 or done == total):
+            if pending is not None:
+              last_logged = flush(pending)
+              pending = None
+            results = evaluate(eval_step, state.params, frozen, config, tokenizer, batch_sharding,
+                               config.train.eval_batches)
+            writer.write(done, results)
+            last_logged.update(results)
+            logging.info("step %d: %s", done, results)
+          preempted = watcher.requested(done)
+          if done % config.checkpoint.every_steps == 0 or done == total or preempted:
+            if pending is not None:         # never save past a non-finite step under 'halt'
+              last_logged = flush(pending)
+              pending = None
+            ckpt.save(done, state.params, state.replace(params=None), train_iter, force=True)
+          if preempted:
+            logging.warning("Preempted: saved step %d in %s; rerun the same command to resume.",
+                            done, ckpt.directory)
+            last_logged["preempted_at_step"] = done
+            break
+        if pending is not None:
           last_logged = flush(pending)
-          pending = None
-        done = step + 1
-        bar.update(1)
-        if done % config.train.log_every == 0 or done == total:
-          pending = (done, metrics)
-        if config.train.eval_every and (done % config.train.eval_every == 0 or done == total):
-          if pending is not None:
-            last_logged = flush(pending)
-            pending = None
-          results = evaluate(eval_step, state.params, frozen, config, tokenizer, batch_sharding,
-                             config.train.eval_batches)
-          writer.write(done, results)
-          last_logged.update(results)
-          logging.info("step %d: %s", done, results)
-        if done % config.checkpoint.every_steps == 0 or done == total:
-          if pending is not None:         # never save past a non-finite step under 'halt'
-            last_logged = flush(pending)
-            pending = None
-          ckpt.save(done, state.params, state.replace(params=None), train_iter, force=True)
-      if pending is not None:
-        last_logged = flush(pending)
-    finally:
-      bar.close()
-      ckpt.close()
-      writer.close()
+      finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
   return last_logged
 
 

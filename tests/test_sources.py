@@ -90,7 +90,8 @@ def test_tfds_local_dataset_without_download(tmp_path, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
   source = sources.parse_spec("tfds:calm_tiny_corpus:train")
   texts = sorted(_all(source))
-  assert texts == ["", "train document 0", "train document 2"]  # '' = empty, dropped by the pipeline
+  # '' is the empty record; the pipeline drops it.
+  assert texts == ["", "train document 0", "train document 2"]
   titles = _all(sources.parse_spec("tfds:calm_tiny_corpus:1.0.0:validation#title"))
   assert sorted(titles) == ["t0", "t1", "t2"]
   assert len(sources.parse_spec("tfds:calm_tiny_corpus:train[:2]")) == 2

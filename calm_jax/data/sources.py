@@ -274,7 +274,8 @@ def _parse_tfds(body):
     version, _, split = split.partition(":")
     head = f"{head}:{version}"
   if not sep or not head or not split:
-    raise DataError(f"tfds:{body} must look like tfds:NAME[/CONFIG]:SPLIT, e.g. tfds:wikipedia/20230601.en:train.")
+    raise DataError(f"tfds:{body} must look like tfds:NAME[/CONFIG]:SPLIT, "
+                    "e.g. tfds:wikipedia/20230601.en:train.")
   return head, split
 
 

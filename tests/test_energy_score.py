@@ -78,3 +78,16 @@ def test_gradient_finite_when_samples_coincide(beta):
 def test_needs_two_model_samples():
   with pytest.raises(ValueError, match="num_model_samples"):
     energy_score.energy_loss(jnp.zeros((1, 2, 3)), jnp.zeros((4, 2, 3)), 1.0)
+
+
+def test_memory_stays_below_the_direct_difference_tensor():
+  """No [N, M, B, l] difference: the compiled loss+grad needs far less scratch than one."""
+  n, m, b, l = 8, 100, 256, 64
+  x = jax.ShapeDtypeStruct((n, b, l), jnp.float32)
+  y = jax.ShapeDtypeStruct((m, b, l), jnp.float32)
+  grad_fn = jax.jit(jax.value_and_grad(lambda x, y: energy_score.energy_loss(x, y, 1.0).mean()))
+  memory = grad_fn.lower(x, y).compile().memory_analysis()
+  if memory is None:
+    pytest.skip("this backend reports no memory analysis")
+  direct_bytes = n * m * b * l * 4
+  assert memory.temp_size_in_bytes < direct_bytes / 2, (memory.temp_size_in_bytes, direct_bytes)

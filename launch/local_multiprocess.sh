@@ -26,6 +26,9 @@ set -euo pipefail
 SCRIPT_PATH="${BASH_SOURCE[0]}"
 SCRIPT_USAGE="launch/local_multiprocess.sh [--dry-run] N CONFIG WORKDIR [overrides...]"
 source "$(dirname "$SCRIPT_PATH")/lib.sh"
+if (( BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1) )); then
+  die "bash >= 5.1 is needed (wait -n -p); this is bash $BASH_VERSION."
+fi
 parse_args "$@"
 require_args 3 N CONFIG WORKDIR
 NUM_PROCESSES="${POSITIONAL[0]}"

@@ -33,6 +33,8 @@
 #   SETUP_CMD         shell run on every worker after install (e.g. mount the shared WORKDIR)
 #   SPOT=1            create the TPU VM as spot capacity
 #   SKIP_INSTALL=1    skip step 3 (code already installed)
+#   DETACH=1          start training in the background (nohup) and return; follow it with
+#                     gcloud compute tpus tpu-vm ssh TPU_NAME --worker=0 --command='tail -f ~/calm_logs/RUN_NAME.*'
 #   RUN_NAME          log file prefix (default calm-<UTC time>)
 #
 # Worked example: CALM-M on a v5p-64 (32 chips = 8 workers x 4 chips; data=4 x fsdp=8),
@@ -108,5 +110,10 @@ if [[ -n "${SETUP_CMD:-}" ]]; then
 fi
 
 echo "# 4. Train on all workers (logs: ~/calm_logs/$RUN_NAME.<hostname>.log on each worker)"
-TRAIN_ARGS="$(quote --config "$CONFIG" --workdir "$WORKDIR" --distributed=on "${OVERRIDES[@]}")"
-on_all_workers "set -o pipefail; mkdir -p ~/calm_logs && cd ~/$REMOTE_DIR && ~/$VENV/bin/calm-train $TRAIN_ARGS 2>&1 | tee ~/calm_logs/$RUN_NAME.\$(hostname).log"
+TRAIN="~/$VENV/bin/calm-train $(quote --config "$CONFIG" --workdir "$WORKDIR" --distributed=on "${OVERRIDES[@]}")"
+LOG="~/calm_logs/$RUN_NAME.\$(hostname).log"
+if [[ "${DETACH:-0}" == 1 ]]; then
+  on_all_workers "mkdir -p ~/calm_logs && cd ~/$REMOTE_DIR && nohup $TRAIN > $LOG 2>&1 < /dev/null &"
+else
+  on_all_workers "set -o pipefail; mkdir -p ~/calm_logs && cd ~/$REMOTE_DIR && $TRAIN 2>&1 | tee $LOG"
+fi

@@ -23,7 +23,7 @@ SCRIPT_VARS = (
     "SETUP_CMD", "SPOT", "SKIP_INSTALL", "RUN_NAME", "CLUSTER", "WORKLOAD", "TPU_TYPE",
     "NUM_SLICES", "DOCKER_IMAGE", "BASE_IMAGE", "EXTRA_XPK_ARGS", "XPK", "SLURM_JOB_ID",
     "SLURM_JOB_NUM_NODES", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_PER_NODE", "CALM_VENV",
-    "CALM_DIR", "CALM_TRAIN", "XLA_FLAGS", "NCCL_DEBUG", "COORDINATOR_PORT")
+    "CALM_DIR", "CALM_TRAIN", "XLA_FLAGS", "NCCL_DEBUG", "COORDINATOR_PORT", "DETACH")
 TPU_VARS = dict(TPU_NAME="calm-m", ZONE="us-east5-a", PROJECT="my-project",
                 ACCELERATOR_TYPE="v5p-64", RUNTIME_VERSION="v2-alpha-tpuv5")
 XPK_VARS = dict(CLUSTER="calm-cluster", WORKLOAD="calm-m-2x64", TPU_TYPE="v5p-64", NUM_SLICES="2",
@@ -291,11 +291,12 @@ def test_tpu_pod_dry_run_prints_the_plan(tmp_path):
 def test_tpu_pod_git_pull_variant(tmp_path):
   r = _script("tpu_pod.sh", "--dry-run", "c.py", "/w",
               env=_env(dict(TPU_VARS, REPO_URL="https://example.com/calm_jax.git", GIT_REF="v1",
-                            SPOT="1")))
+                            SPOT="1", DETACH="1")))
   assert r.returncode == 0, r.stderr
   assert "git clone --quiet https://example.com/calm_jax.git" in r.stdout
   assert "checkout --quiet v1" in r.stdout and "--spot" in r.stdout
   assert "archive" not in r.stdout
+  assert "nohup ~/calm_venv/bin/calm-train --config c.py --workdir /w --distributed=on" in r.stdout
 
 
 def test_tpu_pod_refuses_missing_variables():

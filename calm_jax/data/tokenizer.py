@@ -10,6 +10,8 @@ import os
 
 import sentencepiece as spm
 
+from calm_jax import user_errors
+
 PAD_ID = 0  # padding; carries mask 0 in batches
 UNK_ID = 1  # never produced for text thanks to byte fallback
 BOS_ID = 2  # beginning of sequence (generation prompts)
@@ -24,7 +26,7 @@ _MAX_SENTENCE_BYTES = 4 * _MAX_SENTENCE_CHARS
 _CHARACTER_COVERAGES = (0.9995, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
 
 
-class TokenizerError(Exception):
+class TokenizerError(user_errors.UserError):
   """A tokenizer file is missing or unusable, or training got bad input."""
 
 

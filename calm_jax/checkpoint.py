@@ -4,15 +4,18 @@ A checkpoint step directory holds three items: `params`, `train_state` (step,
 optimizer state, skip counters) and
 `data_iter` (the grain iterator state, one file per process). Orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-write never
-leaves a checkpoint that `latest_step` would pick; a checkpoint that fails to
-restore is reported by name and the previous one is used.
+leaves a checkpoint that `latest_step` would pick (the temporary directories
+are removed when the next run starts); a checkpoint that fails to restore is
+reported by name, moved to WORKDIR/checkpoints.broken/, and the previous one is used.
 """
 import functools
 import logging
 import os
+import time
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from calm_jax import user_errors
@@ -49,6 +52,7 @@ class Checkpointer:
   def __init__(self, workdir, every_steps=1, keep=None, async_save=True, read_only=False):
     _use_plain_array_writes()
     self.directory = checkpoint_dir(workdir)
+    self.read_only = read_only
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(
           f"{self.directory} does not exist: {workdir!r} has no checkpoints yet "
@@ -59,6 +63,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save and not read_only,
         read_only=read_only,
         create=not read_only,
+        cleanup_tmp_directories=not read_only,   # what a killed run left half-written
     )
     self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
@@ -95,14 +100,40 @@ class Checkpointer:
     return self._restore(step, params=ocp.args.StandardRestore(abstract_params)).params
 
   def restore_latest_good(self, restore_fn, steps=None):
-    """Calls restore_fn(step) on the newest checkpoint that restores; logs the broken ones."""
+    """Calls restore_fn(step) on the newest checkpoint that restores; logs the broken ones.
+
+    Returns (step, restore_fn's result), or (None, None) when none restores. The
+    broken checkpoints newer than the one that restored are moved to
+    WORKDIR/checkpoints.broken/ unless read_only (kept for inspection, out of the
+    way of the steps the resumed run saves again); when none restores nothing is moved (a changed
+    model cannot restore any of them, which says nothing about the files).
+    """
+    broken = []
     for step in reversed(steps if steps is not None else self.all_steps()):
       try:
-        return step, restore_fn(step)
+        result = restore_fn(step)
       except Exception as e:  # pylint: disable=broad-except
-        logging.error("Checkpoint %s/%d could not be restored (%s: %s); trying the previous one.",
-                      self.directory, step, type(e).__name__, e)
+        logging.error("Checkpoint %s could not be restored (%s: %s); trying the previous one.",
+                      os.path.join(self.directory, str(step)), type(e).__name__, e)
+        broken.append(step)
+        continue
+      self._move_broken(broken)
+      return step, result
     return None, None
+
+  def _move_broken(self, steps):
+    if not steps or self.read_only:
+      return
+    if jax.process_index() == 0:
+      target = self.directory + ".broken"
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        dest = os.path.join(target, f"{step}-{int(time.time())}")
+        os.replace(os.path.join(self.directory, str(step)), dest)
+        logging.warning("Moved the broken checkpoint step %d to %s.", step, dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("calm_jax:move_broken_checkpoints")
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()

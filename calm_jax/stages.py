@@ -30,8 +30,9 @@ def autoencoder_config(config):
 
 def autoencoder_step(config):
   """The checkpoint step of the stage-1 run to use (config.autoencoder.step, -1 = latest)."""
-  ckpt = checkpoint.Checkpointer(config.autoencoder.workdir, read_only=True)
-  steps = ckpt.all_steps()
+  has_dir = os.path.isdir(checkpoint.checkpoint_dir(config.autoencoder.workdir))
+  ckpt = checkpoint.Checkpointer(config.autoencoder.workdir, read_only=True) if has_dir else None
+  steps = ckpt.all_steps() if ckpt else []
   if not steps:
     raise checkpoint.CheckpointError(
         f"config.autoencoder.workdir={config.autoencoder.workdir!r} has no checkpoint; "

@@ -3,8 +3,13 @@ r"""calm-train: one trainer for the three stages (autoencoder, calm, ar).
   calm-train --config experiments/autoencoder.py:size=tiny --workdir W1 \
       [--config.train.steps=2000 ...]
 
-An existing workdir resumes from its latest checkpoint (params, optimizer state
-and data iterator). Sections: config, mesh, tokenizer, input, model, shardings,
+An existing workdir resumes from its latest complete checkpoint (params,
+optimizer state and data iterator), bit-identically to an uninterrupted run; a
+checkpoint that fails to restore is named and the previous one used. SIGTERM
+saves a checkpoint after the current step and exits 0. Non-finite updates are
+skipped; config.train.nan_policy='halt' then stops. Bad input exits with one
+`error:` line (after saving the steps done). Multi-host: calm_jax/distributed.py
+flags. Sections: config, mesh, tokenizer, input, model, shardings,
 update step, checkpoint load, eval, loop.
 """
 import json
@@ -27,6 +32,7 @@ import tqdm
 from calm_jax import aot
 from calm_jax import checkpoint
 from calm_jax import config_lib
+from calm_jax import distributed
 from calm_jax import logging_setup
 from calm_jax import metrics_writer
 from calm_jax import optimizer
@@ -36,6 +42,7 @@ from calm_jax import stages
 from calm_jax import steps as steps_lib
 from calm_jax import user_errors
 from calm_jax.data import pipeline
+from calm_jax.data import sources
 from calm_jax.models import build_model
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -69,6 +76,33 @@ def _check_workdir_config(config, workdir):
     raise config_lib.ConfigError(
         f"{workdir} was created by a different config ({lines}). Use a new --workdir, or pass "
         "--config.train.allow_config_change=True to resume with the new values.")
+
+
+def make_data_iterator(config, tokenizer, split):
+  """pipeline.make_iterator, with unreadable data reported as a DataError naming the SPEC."""
+  try:
+    return pipeline.make_iterator(config, tokenizer, split)
+  except (OSError, RuntimeError) as e:
+    raise sources.DataError(_unreadable(config, split, e)) from e
+
+
+def _unreadable(config, split, error):
+  spec = config.data.train if split == "train" else config.data.eval
+  return (f"config.data.{split}={spec!r} cannot be read ({type(error).__name__}: {error}); "
+          "fix or replace the file, or point the SPEC elsewhere.")
+
+
+def _next_batch(train_iter, config):
+  """The next training batch; on a data error the iterator is left where it was."""
+  snapshot = train_iter.get_state()
+  try:
+    return next(train_iter)
+  except user_errors.UserError:
+    train_iter.set_state(snapshot)
+    raise
+  except (OSError, RuntimeError) as e:
+    train_iter.set_state(snapshot)
+    raise sources.DataError(_unreadable(config, "train", e)) from e
 
 
 def _dummy_batch(num_rows, seq_len):
@@ -136,7 +170,7 @@ def restore_frozen(config, parts):
 
 def evaluate(eval_step, params, frozen, config, tokenizer, batch_sharding, num_batches):
   """Weighted means of the model's eval metrics over up to num_batches eval batches."""
-  it = pipeline.make_iterator(config, tokenizer, "eval")
+  it = make_data_iterator(config, tokenizer, "eval")
   totals, weight = {}, 0.0
   rng = jax.random.key(config.train.seed + 1)
   for i, local in enumerate(it):
@@ -182,7 +216,9 @@ def train_and_evaluate(config, workdir, devices=None):
   tokenizer = stages.resolve_tokenizer(config, workdir, is_primary, _wait_for_primary)
   if is_primary:
     config_lib.save_config(config, workdir)
-  train_iter = pipeline.make_iterator(config, tokenizer, "train")
+  if config.train.eval_every:
+    sources.check_spec(config.data.eval)    # a missing eval set fails now, not after training
+  train_iter = make_data_iterator(config, tokenizer, "train")
   batch_sharding = sharding.batch_sharding(mesh, axis_rules)
 
   with sharding.activate(mesh, axis_rules):
@@ -216,13 +252,20 @@ def train_and_evaluate(config, workdir, devices=None):
     state = None
     if ckpt.all_steps():
       abstract = checkpoint.abstract_like(parts["abstract_state"], parts["state_shardings"])
-      step, restored = ckpt.restore_latest_good(
-          lambda s: ckpt.restore(s, abstract.params, abstract.replace(params=None), train_iter))
+
+      def restore(step):
+        # A fresh iterator per attempt: a failed attempt cannot leave it half-restored.
+        it = make_data_iterator(config, tokenizer, "train")
+        params, train_state = ckpt.restore(step, abstract.params, abstract.replace(params=None),
+                                           it)
+        return params, train_state, it
+
+      step, restored = ckpt.restore_latest_good(restore)
       if restored is None:
         raise checkpoint.CheckpointError(
             f"No checkpoint in {ckpt.directory} could be restored (see the errors above); "
             "move the broken step directories away or use a new --workdir.")
-      params, train_state = restored
+      params, train_state, train_iter = restored
       state = train_state.replace(params=params)
       logging.info("Resumed from %s step %d", ckpt.directory, step)
     if state is None:
@@ -238,6 +281,19 @@ def train_and_evaluate(config, workdir, devices=None):
                     dynamic_ncols=True, file=sys.stdout)
     last_logged, pending = {}, None
     t_last, step_last = time.perf_counter(), start
+    skipped_at_start = int(jax.device_get(state.skipped))
+    completed = saved = start               # updates in `state`; the newest checkpointed step
+
+    def halt_if_nonfinite(skipped, loss=None):
+      """nan_policy='halt': stop at the first skipped update of this run (none was applied)."""
+      if config.train.nan_policy == "halt" and skipped > skipped_at_start:
+        bad = int(jax.device_get(state.last_bad_step)) + 1
+        raise TrainingHalted(
+            f"Non-finite loss or gradients at step {bad}"
+            + (f" (logged loss={loss})" if loss is not None else "")
+            + "; the update was not applied and training stopped. The last good checkpoint "
+            f"(step {saved if saved else 'none'}) stays in {ckpt.directory}. Lower "
+            "config.optim.lr, or pass --config.train.nan_policy=skip to skip such updates.")
 
     def flush(pending):
       nonlocal t_last, step_last
@@ -246,25 +302,25 @@ def train_and_evaluate(config, workdir, devices=None):
       now = time.perf_counter()
       metrics["tokens_per_s"] = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
       t_last, step_last = now, step
-      if metrics["skipped_updates"] > 0 and config.train.nan_policy == "halt":
-        raise TrainingHalted(
-            f"Non-finite loss or gradients at step {int(jax.device_get(state.last_bad_step))} "
-            f"(loss={metrics['loss']}); the update was not applied. The last good checkpoint "
-            f"stays in {ckpt.directory}. Lower config.optim.lr or use "
-            "--config.train.nan_policy=skip.")
       writer.write(step, metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+      halt_if_nonfinite(int(metrics["skipped_updates"]), metrics["loss"])
       return metrics
+
+    def save(step):
+      nonlocal saved
+      ckpt.save(step, state.params, state.replace(params=None), train_iter, force=True)
+      saved = step
 
     with preemption.PreemptionWatcher() as watcher:
       try:
         for step in range(start, total):
-          batch = sharding.to_global_batch(next(train_iter), batch_sharding)
+          batch = sharding.to_global_batch(_next_batch(train_iter, config), batch_sharding)
           state, metrics = train_step(state, frozen, batch, rng)
+          completed = done = step + 1
           if pending is not None:           # pull step n-1's metrics after dispatching step n
             last_logged = flush(pending)
             pending = None
-          done = step + 1
           bar.update(1)
           if done % config.train.log_every == 0 or done == total:
             pending = (done, metrics)
@@ -279,10 +335,12 @@ def train_and_evaluate(config, workdir, devices=None):
             logging.info("step %d: %s", done, results)
           preempted = watcher.requested(done)
           if done % config.checkpoint.every_steps == 0 or done == total or preempted:
-            if pending is not None:         # never save past a non-finite step under 'halt'
+            if pending is not None:
               last_logged = flush(pending)
               pending = None
-            ckpt.save(done, state.params, state.replace(params=None), train_iter, force=True)
+            # Under 'halt', never save past a skipped update (also one between log steps).
+            halt_if_nonfinite(int(jax.device_get(state.skipped)))
+            save(done)
           if preempted:
             logging.warning("Preempted: saved step %d in %s; rerun the same command to resume.",
                             done, ckpt.directory)
@@ -290,6 +348,14 @@ def train_and_evaluate(config, workdir, devices=None):
             break
         if pending is not None:
           last_logged = flush(pending)
+      except user_errors.UserError as e:
+        # Bad input found mid-run (e.g. a malformed record): keep the work done so far.
+        if not isinstance(e, TrainingHalted) and completed > saved:
+          if pending is not None:
+            flush(pending)
+          logging.error("Saving step %d before stopping on: %s", completed, e)
+          save(completed)
+        raise
       finally:
         bar.close()
         ckpt.close()
@@ -320,6 +386,8 @@ def main(argv):
     raise app.UsageError("--workdir is required.")
   logging_setup.setup()
   with user_errors.exit_on_user_error():
+    if not _COMPILE_ONLY.value:     # first, before any other JAX call (multi-host runs)
+      distributed.initialize()
     if _COMPILE_ONLY.value:
       compile_only(_CONFIG.value, _WORKDIR.value, _TOPOLOGY.value)
     else:

@@ -66,7 +66,7 @@ def test_params_are_sharded_as_the_rules_say(tokenizer_path, tmp_path):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
   with sharding.activate(mesh, rules):
-    parts = train.build(config, str(tmp_path), mesh, rules)
+    parts = train.build(config, mesh, rules)
   specs = jax.tree.map(lambda s: s.spec, parts["state_shardings"].params)
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): spec
           for path, spec in jax.tree_util.tree_flatten_with_path(specs)[0]}

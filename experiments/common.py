@@ -125,6 +125,23 @@ def eval_config():
       max_tokens=100_000,               # cap on evaluated tokens (0: no cap)
       noise_sigmas=(0.3, 0.5),          # autoencoder accuracy under Gaussian noise on z
       brier_samples=2,                  # independent samples per position for Brier-n
+      position_batch=32,                # positions whose extra AR steps (Brier-n when n > K) run
+                                        # together, each with its own KV-cache copy; lower on OOM
+  ))
+
+
+def sampling_config():
+  """calm-generate (and the quickstart's sample): temperature sampling for CALM and the AR baseline."""
+  return ml_collections.ConfigDict(dict(
+      temperature=1.0,                  # T in (0, 1] for CALM (likelihood-free); AR: any T > 0
+      max_tokens=64,                    # new tokens per continuation (stops earlier at EOS)
+      num_samples=4,                    # continuations per prompt (the generation batch)
+      method="exact",                   # CALM: 'exact' (any T) | 'batch_approx' (T = 1/n only)
+      max_draws=2048,                   # exact: cap on head draws per chunk, then the approximation
+      draws_per_step=16,                # exact: head draws per while-loop iteration
+      fallback_pool=256,                # exact: draws kept for the fallback approximation
+      batch_approx_samples=200,         # batch_approx: pool size S (the reference uses 200)
+      top_k=0,                          # AR baseline: sample among the k most likely (0: all)
   ))
 
 
@@ -137,6 +154,7 @@ def base_config(stage):
   config.mesh = mesh_config()
   config.checkpoint = checkpoint_config()
   config.eval = eval_config()
+  config.sampling = sampling_config()
   return config
 
 

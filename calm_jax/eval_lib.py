@@ -1,0 +1,169 @@
+"""Per-batch evaluation terms of each stage (pure, jittable): Brier-n sums for CALM and the AR baseline.
+
+Every function takes (model, params, batch, rng) with batch = {'tokens', 'mask'}:
+int32[B, L] blocks of the eval stream, and returns sums and counts that the host
+adds up across batches (brier.BrierAccumulator), so the mean is over valid
+positions only: a position is counted for Brier-n iff its next n tokens lie in
+the block and all have mask 1 (brier.ngram_valid).
+
+CALM (likelihood-free, as the reference's eval_brier). Position t of a block of
+T = L/K chunks is the backbone state h[t] after true chunks 0..t; it predicts
+chunk t+1. Two independent head samples per position, decoded by the frozen
+autoencoder (argmax of the decoder logits), give sample chunks s1[t], s2[t].
+  * K >= 4: x1 = s1[t][:4], x2 = s2[t][:4]; brier.brier_terms.
+  * K < 4, m = ceil(4/K) chunks cover 4 tokens.
+    Accuracy: 1{x1[:n] = y[:n]} with x1 = s1[t], s1[t+1], ... (each a sample given
+    the *true* prefix): a product of independent indicators, so its mean is
+    prod_j P(y_j | y_<j) = P(y[:n]).
+    Collision: the two samples are continued autoregressively for m-1 more chunks:
+    the backbone is extended (KV cache) with sample 1's chunk and both samples
+    draw their next chunk from that one state. Wherever the prefixes agree this is
+    each sample's own path, and after they disagree the indicator is 0 anyway, so
+    E 1{x1[:n] = x2[:n]} = sum_x P(x)^2 exactly.
+    The extra steps of all positions run at once: the teacher-forced pass fills a
+    KV cache of the whole block; position t extends a copy of it at cache
+    position t+1 (keys > t are masked or overwritten), vmapped over
+    config.eval.position_batch positions at a time (jax.lax.map).
+AR baseline (the paper's lower-variance estimator, brier.ar_brier_terms): the
+accuracy term is the exact teacher-forced product of probabilities; the
+collision term multiplies 1{x1[:n-1] = x2[:n-1]} (sampled the same way, from the
+state along sample 1's path) by the exact sum_v p(v | x1[:n-1])^2. Plus the
+summed cross-entropy for perplexity.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+from calm_jax import brier
+
+N = brier.MAX_N
+
+
+def _sample_chunks(model, variables, h_xD, rng):
+  """Two independent head samples per state, decoded by argmax: (s1, s2) int32[..., K]."""
+
+  def one(key):
+    z = model.apply(variables, h_xD, method="sample_latent", rngs={"sample": key})
+    logits = model.apply(variables, z, method="decode_latent")
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  key1, key2 = jax.random.split(rng)
+  return one(key1), one(key2)
+
+
+def _per_position(fn, positions_P, xs, position_batch):
+  """Runs fn(position, *x) for every position, position_batch at a time; outputs [P, ...]."""
+  return jax.lax.map(lambda a: fn(*a), (positions_P,) + tuple(xs),
+                     batch_size=min(position_batch, positions_P.shape[0]))
+
+
+def _targets_and_valid(tokens_BxL, mask_BxL, start, count, stride):
+  """n-token target windows and their validity at token offsets start + stride * i, i < count."""
+  index = start + stride * jnp.arange(count)
+  y_BxPxN = brier.ngram_windows(tokens_BxL, N)[:, index]
+  valid_BxPxN = brier.ngram_valid(mask_BxL, N)[:, index]
+  return y_BxPxN, valid_BxPxN
+
+
+def calm_terms(model, params, batch, rng, position_batch):
+  """CALM Brier-1..4 (sums_N, counts_N) and the summed head loss: (sums_N, counts_N, loss_sum, loss_count)."""
+  variables = {"params": params}
+  k = model.config.patch_size
+  tokens_BxL = jnp.asarray(batch["tokens"], jnp.int32)
+  mask_BxL = jnp.asarray(batch["mask"], jnp.int32)
+  b, length = tokens_BxL.shape
+  num_chunks = length // k
+  positions = num_chunks - 1
+  m = math.ceil(N / k)
+  rng_loss, rng_sample, rng_extra = jax.random.split(rng, 3)
+
+  # The head's own loss (energy score for the energy head) as in training, masked mean * count.
+  _, metrics = model.apply(variables, batch, train=False, rngs={"sample": rng_loss})
+  loss_count = metrics["valid_fraction"] * (b * positions)
+  loss_sum = metrics["loss"] * loss_count
+
+  chunks_BxTxK = tokens_BxL.reshape(b, num_chunks, k)
+  cache = model.apply(variables, b, positions + m, method="init_cache")
+  h_BxPxD, cache = model.apply(variables, chunks_BxTxK[:, :positions], cache, method="extend")
+  s1_BxPxK, s2_BxPxK = _sample_chunks(model, variables, h_BxPxD, rng_sample)
+  y_BxPxN, valid_BxPxN = _targets_and_valid(tokens_BxL, mask_BxL, k, positions, k)
+  if k >= N:
+    return (*brier.brier_terms(s1_BxPxK[..., :N], s2_BxPxK[..., :N], y_BxPxN, valid_BxPxN),
+            loss_sum, loss_count)
+
+  # Accuracy: the teacher-forced samples of chunks t+1 .. t+m laid end to end.
+  flat1_BxPK = s1_BxPxK.reshape(b, positions * k)
+  flat2_BxPK = s2_BxPxK.reshape(b, positions * k)
+  x1_acc = brier.ngram_windows(flat1_BxPK, N, fill=-1)[:, ::k]
+  x2_acc = brier.ngram_windows(flat2_BxPK, N, fill=-1)[:, ::k]
+  eq = lambda a, c: jnp.cumprod((a == c).astype(jnp.float32), axis=-1)
+  accuracy_BxPxN = eq(x1_acc, y_BxPxN) + eq(x2_acc, y_BxPxN)
+
+  # Collision: m-1 further chunks along sample 1's path, every position from its own cache copy.
+  def continue_from(t, first1_BxK, first2_BxK, key):
+    c = dict(cache, pos=t + 1)
+    same, x = [first1_BxK == first2_BxK], first1_BxK
+    for j in range(1, m):
+      h_Bx1xD, c = model.apply(variables, x[:, None, :], c, method="extend")
+      a_BxK, c2_BxK = _sample_chunks(model, variables, h_Bx1xD[:, 0], jax.random.fold_in(key, j))
+      same.append(a_BxK == c2_BxK)
+      x = a_BxK
+    return jnp.concatenate(same, axis=-1)[:, :N]          # same_BxN
+
+  keys = jax.random.split(rng_extra, positions)
+  same_PxBxN = _per_position(
+      continue_from, jnp.arange(positions),
+      (jnp.swapaxes(s1_BxPxK, 0, 1), jnp.swapaxes(s2_BxPxK, 0, 1), keys), position_batch)
+  collision_BxPxN = jnp.cumprod(jnp.swapaxes(same_PxBxN, 0, 1).astype(jnp.float32), axis=-1)
+  sums_N, counts_N = brier.masked_sums(accuracy_BxPxN - collision_BxPxN, valid_BxPxN)
+  return sums_N, counts_N, loss_sum, loss_count
+
+
+def ar_terms(model, params, batch, rng, position_batch):
+  """AR Brier-1..4 (sums_N, counts_N) and the summed next-token CE: (sums_N, counts_N, ce_sum, ce_count)."""
+  variables = {"params": params}
+  tokens_BxL = jnp.asarray(batch["tokens"], jnp.int32)
+  mask_BxL = jnp.asarray(batch["mask"], jnp.int32)
+  b, length = tokens_BxL.shape
+  positions = length - 1          # position t predicts token t+1
+  cache = model.apply(variables, b, positions + N, method="init_cache")
+  logits_BxPxV, cache = model.apply(variables, tokens_BxL[:, :positions], cache, method="extend")
+  logp_BxPxV = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
+  targets_BxP = tokens_BxL[:, 1:]
+  target_logp_BxP = jnp.take_along_axis(logp_BxPxV, targets_BxP[..., None], axis=-1)[..., 0]
+  ce_weight_BxP = mask_BxL[:, 1:].astype(jnp.float32)
+  ce_sum = -jnp.sum(target_logp_BxP * ce_weight_BxP)
+  ce_count = jnp.sum(ce_weight_BxP)
+
+  valid_BxPxN = brier.ngram_valid(mask_BxL[:, 1:], N)
+  target_logp_BxPxN = brier.ngram_windows(target_logp_BxP, N, fill=0.0)
+
+  rng_first, rng_extra = jax.random.split(rng)
+  key1, key2 = jax.random.split(rng_first)
+  first1_BxP = jax.random.categorical(key1, logp_BxPxV, axis=-1).astype(jnp.int32)
+  first2_BxP = jax.random.categorical(key2, logp_BxPxV, axis=-1).astype(jnp.int32)
+  collision0_BxP = brier.sum_sq_probs(logp_BxPxV)
+
+  # Further tokens along sample 1's path (only the first N-1 tokens of each sample matter).
+  def continue_from(t, first1_B, first2_B, key):
+    c = dict(cache, pos=t + 1)
+    x1, x2, coll, x = [first1_B], [first2_B], [], first1_B
+    for j in range(1, N):
+      logits_Bx1xV, c = model.apply(variables, x[:, None], c, method="extend")
+      logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
+      coll.append(brier.sum_sq_probs(logits_BxV))
+      ka, kb = jax.random.split(jax.random.fold_in(key, j))
+      x = jax.random.categorical(ka, logits_BxV, axis=-1).astype(jnp.int32)
+      x1.append(x)
+      x2.append(jax.random.categorical(kb, logits_BxV, axis=-1).astype(jnp.int32))
+    return jnp.stack(x1, -1), jnp.stack(x2, -1), jnp.stack(coll, -1)
+
+  keys = jax.random.split(rng_extra, positions)
+  x1_PxBxN, x2_PxBxN, coll_PxBx3 = _per_position(
+      continue_from, jnp.arange(positions), (first1_BxP.T, first2_BxP.T, keys), position_batch)
+  swap = lambda a: jnp.swapaxes(a, 0, 1)
+  collision_BxPxN = jnp.concatenate([collision0_BxP[..., None], swap(coll_PxBx3)], axis=-1)
+  sums_N, counts_N = brier.ar_brier_terms(target_logp_BxPxN, swap(x1_PxBxN), swap(x2_PxBxN),
+                                          collision_BxPxN, valid_BxPxN)
+  return sums_N, counts_N, ce_sum, ce_count

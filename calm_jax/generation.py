@@ -1,0 +1,201 @@
+"""Batched generation with the backbone's KV cache, for CALM (chunk by chunk) and the AR baseline (token by token).
+
+Prompt scheme (both models): the prompt ids are preceded by EOS, the document
+boundary the models saw between documents in training (the CALM and AR stages
+read one concatenated stream "doc EOS doc EOS ..."), so a prompt reads as the
+start of a new document. CALM also needs a multiple of K tokens: the prompt is
+left-filled with further EOS ids to the next multiple of K (1 to K EOS in all).
+PAD is never fed as content. The AR baseline gets the single EOS only.
+
+Everything after the prompt runs in one jitted program: prefill with `extend`,
+then a lax.while_loop that stops when every row has emitted EOS or the token
+budget is spent (no host round trip per step). CALM step: the last backbone
+state -> temperature sampling over head draws (temperature.sample_exact for any
+T in (0, 1], or sample_batch_approx for T = 1/n) where one draw = a head sample
+decoded by the frozen autoencoder (argmax of the K token logits) -> K tokens ->
+`extend`. AR step: logits / T, optional top-k, one categorical draw -> `extend`.
+
+use_cache=False recomputes the whole prefix every step (the reference path for
+tests): same random stream, so the outputs must match the cached path.
+"""
+import collections
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calm_jax import temperature as temperature_lib
+from calm_jax.data import tokenizer as tokenizer_lib
+
+EOS_ID = tokenizer_lib.EOS_ID
+
+
+# A hashable copy of config.sampling (a static argument of the jitted loops).
+Sampling = collections.namedtuple(
+    "Sampling", ["temperature", "max_tokens", "num_samples", "method", "max_draws",
+                 "draws_per_step", "fallback_pool", "batch_approx_samples", "top_k"])
+
+
+def frozen_sampling(sampling_config, **overrides):
+  """config.sampling (+ overrides) as a Sampling tuple."""
+  values = {f: sampling_config[f] for f in Sampling._fields}
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  return Sampling(**values)
+
+
+def calm_prompt(ids, k):
+  """Prompt ids -> int32[T*K]: EOS-filled on the left to a multiple of K, at least one EOS."""
+  ids = [int(i) for i in ids]
+  fill = 1 + (-(len(ids) + 1) % k)
+  return np.asarray([EOS_ID] * fill + ids, np.int32)
+
+
+def ar_prompt(ids):
+  """Prompt ids -> int32[1 + P]: EOS (document boundary) then the prompt."""
+  return np.asarray([EOS_ID] + [int(i) for i in ids], np.int32)
+
+
+def _calm_draw(model, variables, h_BxD):
+  """draw(rng, num) -> int32[num, B, K]: num head samples per row decoded by argmax."""
+
+  def draw(rng, num):
+    h_NxBxD = jnp.broadcast_to(h_BxD, (num,) + h_BxD.shape)
+    z = model.apply(variables, h_NxBxD, method="sample_latent", rngs={"sample": rng})
+    logits = model.apply(variables, z, method="decode_latent")
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  return draw
+
+
+def _sample_chunk(draw, rng, sampling):
+  if sampling.method == "exact":
+    return temperature_lib.sample_exact(
+        draw, rng, sampling.temperature, max_draws=sampling.max_draws,
+        draws_per_step=sampling.draws_per_step, fallback_pool=sampling.fallback_pool)
+  if sampling.method == "batch_approx":
+    return temperature_lib.sample_batch_approx(draw, rng, sampling.temperature,
+                                               sampling.batch_approx_samples)
+  raise ValueError(f"config.sampling.method={sampling.method!r}: use 'exact' or 'batch_approx'.")
+
+
+def make_calm_generate(model, *, num_chunks, sampling, use_cache=True):
+  """The jitted CALM continuation f(params, prompt_BxTpxK, rng) -> (tokens_Bx(num_chunks*K), stats)."""
+  return jax.jit(functools.partial(calm_generate, model, num_chunks=num_chunks,
+                                   sampling=sampling, use_cache=use_cache))
+
+
+def calm_generate(model, params, prompt_BxTpxK, rng, *, num_chunks, sampling, use_cache=True):
+  """CALM continuation: (tokens_Bx(num_chunks*K), stats); jit it with `make_calm_generate`.
+
+  sampling: a hashable view of config.sampling (`frozen_sampling`). Rows that
+  have emitted EOS keep PAD from then on. stats: 'num_chunks' (loop steps run),
+  'num_fallbacks' (chunks that hit max_draws), 'num_draws' (head draws in all).
+  """
+  variables = {"params": params}
+  b, tp, k = prompt_BxTpxK.shape
+  total = tp + num_chunks
+  buf_BxTxK = jnp.zeros((b, total, k), jnp.int32).at[:, :tp].set(prompt_BxTpxK)
+
+  def hidden_at(buf, c):
+    """No-cache path: the backbone state after chunk c, recomputed over the whole buffer."""
+    tokens = jnp.concatenate([buf, jnp.zeros((b, 1, k), jnp.int32)], axis=1).reshape(b, -1)
+    h_BxTxD = model.apply(variables, tokens, method="hidden_states")
+    return jax.lax.dynamic_index_in_dim(h_BxTxD, c, axis=1, keepdims=False)
+
+  if use_cache:
+    cache = model.apply(variables, b, total, method="init_cache")
+    h_BxTpxD, cache = model.apply(variables, prompt_BxTpxK, cache, method="extend")
+    h_BxD = h_BxTpxD[:, -1]
+  else:
+    cache, h_BxD = None, hidden_at(buf_BxTxK, tp - 1)
+
+  def cond(carry):
+    i, _, _, _, done_B, _, _ = carry
+    return (i < num_chunks) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, buf, cache, h_BxD, done_B, fallbacks, draws = carry
+    chunk_BxK, stats = _sample_chunk(_calm_draw(model, variables, h_BxD),
+                                     jax.random.fold_in(rng, i), sampling)
+    chunk_BxK = jnp.where(done_B[:, None], tokenizer_lib.PAD_ID, chunk_BxK)
+    buf = jax.lax.dynamic_update_slice(buf, chunk_BxK[:, None], (0, tp + i, 0))
+    done_B = done_B | jnp.any(chunk_BxK == EOS_ID, axis=-1)
+    if use_cache:
+      h_Bx1xD, cache = model.apply(variables, chunk_BxK[:, None], cache, method="extend")
+      h_BxD = h_Bx1xD[:, 0]
+    else:
+      h_BxD = hidden_at(buf, tp + i)
+    return (i + 1, buf, cache, h_BxD, done_B, fallbacks + stats["num_fallbacks"],
+            draws + jnp.sum(stats["num_draws"]))
+
+  zero = jnp.zeros((), jnp.int32)
+  carry = (zero, buf_BxTxK, cache, h_BxD, jnp.zeros((b,), bool), zero, zero)
+  steps, buf_BxTxK, _, _, _, fallbacks, draws = jax.lax.while_loop(cond, body, carry)
+  tokens = buf_BxTxK[:, tp:].reshape(b, num_chunks * k)
+  return tokens, {"num_chunks": steps, "num_fallbacks": fallbacks, "num_draws": draws}
+
+
+def _ar_next(logits_BxV, rng, temperature, top_k):
+  logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+  if top_k:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def make_ar_generate(model, *, max_tokens, temperature, top_k, use_cache=True):
+  """The jitted AR continuation f(params, prompt_BxP, rng) -> (tokens_Bxmax_tokens, stats)."""
+  return jax.jit(functools.partial(ar_generate, model, max_tokens=max_tokens,
+                                   temperature=temperature, top_k=top_k, use_cache=use_cache))
+
+
+def ar_generate(model, params, prompt_BxP, rng, *, max_tokens, temperature, top_k, use_cache=True):
+  """AR baseline continuation: (tokens_Bxmax_tokens, stats {'num_steps'}); PAD after a row's EOS."""
+  variables = {"params": params}
+  b, p = prompt_BxP.shape
+  total = p + max_tokens
+  buf_BxT = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_BxP)
+
+  def logits_at(buf, t):
+    logits_BxTxV = model.apply(variables, buf, method="logits")
+    return jax.lax.dynamic_index_in_dim(logits_BxTxV, t, axis=1, keepdims=False)
+
+  if use_cache:
+    cache = model.apply(variables, b, total, method="init_cache")
+    logits_BxPxV, cache = model.apply(variables, prompt_BxP, cache, method="extend")
+    logits_BxV = logits_BxPxV[:, -1]
+  else:
+    cache, logits_BxV = None, logits_at(buf_BxT, p - 1)
+
+  def cond(carry):
+    i, _, _, _, done_B = carry
+    return (i < max_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, buf, cache, logits_BxV, done_B = carry
+    token_B = _ar_next(logits_BxV, jax.random.fold_in(rng, i), temperature, top_k)
+    token_B = jnp.where(done_B, tokenizer_lib.PAD_ID, token_B)
+    buf = jax.lax.dynamic_update_slice(buf, token_B[:, None], (0, p + i))
+    done_B = done_B | (token_B == EOS_ID)
+    if use_cache:
+      logits_Bx1xV, cache = model.apply(variables, token_B[:, None], cache, method="extend")
+      logits_BxV = logits_Bx1xV[:, 0]
+    else:
+      logits_BxV = logits_at(buf, p + i)
+    return i + 1, buf, cache, logits_BxV, done_B
+
+  carry = (jnp.zeros((), jnp.int32), buf_BxT, cache, logits_BxV, jnp.zeros((b,), bool))
+  steps, buf_BxT, _, _, _ = jax.lax.while_loop(cond, body, carry)
+  return buf_BxT[:, p:], {"num_steps": steps}
+
+
+def until_eos(tokens):
+  """A row of generated ids cut before its first EOS (PAD dropped)."""
+  out = []
+  for t in np.asarray(tokens).tolist():
+    if t == EOS_ID:
+      break
+    if t != tokenizer_lib.PAD_ID:
+      out.append(t)
+  return out

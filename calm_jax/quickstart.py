@@ -1,0 +1,170 @@
+r"""calm-quickstart: the whole CALM pipeline on the built-in corpus, on one CPU, in about ten minutes.
+
+  calm-quickstart --workdir Q [--small]
+
+Stages (each with its own progress bar), all in this process:
+  1. tokenizer    a BPE tokenizer trained on builtin:python_docs   -> Q/tokenizer.model
+  2. autoencoder  experiments/autoencoder.py:size=tiny, shrunk       -> Q/autoencoder
+  3. calm         experiments/calm.py:size=tiny (energy head)        -> Q/calm
+  4. eval         autoencoder token accuracy, CALM Brier-1..4 / BrierLM on the corpus' valid split
+  5. sample       a CALM continuation of a prompt at T = 1
+A summary table is printed and written to Q/summary.json. Re-running on the same
+workdir reuses finished stages: the tokenizer file is kept and the trainer
+resumes each run from its last checkpoint (returning at once when it is done).
+--small shrinks everything (steps, vocab, eval tokens) for the test suite.
+The sizes below are the quickstart's own overrides of the experiment configs.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+
+from calm_jax import config_lib
+from calm_jax import evaluate
+from calm_jax import generation
+from calm_jax import logging_setup
+from calm_jax import restore
+from calm_jax import sampling
+from calm_jax import train
+from calm_jax import user_errors
+from calm_jax.data import sources
+from calm_jax.data import tokenizer as tokenizer_lib
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+CORPUS = "builtin:python_docs"
+PROMPT = "The function returns"
+
+# Overrides of the tiny experiment configs: full quickstart (about 10 minutes on 2 CPU cores)
+# and --small (the test suite).
+PROFILES = {
+    "full": dict(vocab=1024, tokenizer_chars=2_000_000, seq_len=64, ae_batch=32, ae_steps=1200,
+                 ae_lr=3e-3, calm_batch=16, calm_steps=600, calm_lr=1e-3, warmup=50,
+                 eval_tokens=20_000, sample_tokens=48),
+    "small": dict(vocab=512, tokenizer_chars=300_000, seq_len=32, ae_batch=8, ae_steps=12,
+                  ae_lr=3e-3, calm_batch=8, calm_steps=8, calm_lr=1e-3, warmup=2,
+                  eval_tokens=512, sample_tokens=8),
+}
+
+
+def _config(experiment, p, tokenizer_path, batch, steps, lr, **sections):
+  config = config_lib.load_config_file(os.path.join(EXPERIMENTS, experiment))
+  config.data.train = CORPUS
+  config.data.eval = CORPUS + ":valid"
+  config.data.tokenizer = tokenizer_path
+  config.data.vocab_size = config.model.vocab_size = p["vocab"]
+  config.data.seq_len = config.eval.block_len = p["seq_len"]
+  config.train.batch_size = batch
+  config.train.steps = steps
+  config.train.log_every = max(1, min(50, steps // 4))
+  config.train.eval_every = 0
+  config.optim.lr = lr
+  config.optim.warmup_steps = p["warmup"]
+  config.checkpoint.every_steps = max(1, steps // 2)
+  config.checkpoint.async_save = False
+  config.eval.max_tokens = p["eval_tokens"]
+  config.eval.batch_size = 8
+  for name, values in sections.items():
+    config[name].update(values)
+  return config
+
+
+def _stage(title):
+  print(f"\n== {title}", flush=True)
+  return time.perf_counter()
+
+
+def run_quickstart(workdir, small=False, devices=None):
+  """Runs (or resumes) every stage in `workdir`; returns the summary dict."""
+  p = PROFILES["small" if small else "full"]
+  os.makedirs(workdir, exist_ok=True)
+  timings = {}
+
+  t = _stage("1/5 tokenizer")
+  tokenizer_path = os.path.join(os.path.abspath(workdir), "tokenizer.model")
+  if not os.path.exists(tokenizer_path):
+    tokenizer_lib.train_tokenizer(sources.iter_texts(CORPUS), p["vocab"], tokenizer_path,
+                                  max_chars=p["tokenizer_chars"])
+  print(f"{tokenizer_path} ({p['vocab']} pieces)")
+  timings["tokenizer"] = time.perf_counter() - t
+
+  t = _stage("2/5 autoencoder")
+  ae_dir = os.path.join(workdir, "autoencoder")
+  ae_config = _config("autoencoder.py:size=tiny", p, tokenizer_path, p["ae_batch"],
+                      p["ae_steps"], p["ae_lr"])
+  train.train_and_evaluate(ae_config, ae_dir, devices)
+  timings["autoencoder"] = time.perf_counter() - t
+
+  t = _stage("3/5 calm (energy head)")
+  calm_dir = os.path.join(workdir, "calm")
+  calm_config = _config("calm.py:size=tiny,head=energy", p, tokenizer_path, p["calm_batch"],
+                        p["calm_steps"], p["calm_lr"],
+                        autoencoder=dict(workdir=os.path.abspath(ae_dir)))
+  calm_config.model.latent_dim = ae_config.model.latent_dim
+  train.train_and_evaluate(calm_config, calm_dir, devices)
+  timings["calm"] = time.perf_counter() - t
+
+  t = _stage("4/5 eval")
+  ae_run = restore.load_run(ae_dir, devices=devices)
+  ae_result = evaluate.evaluate_run(ae_run)
+  calm_run = restore.load_run(calm_dir, devices=devices)
+  calm_result = evaluate.evaluate_run(calm_run)
+  for name, result in (("autoencoder", ae_result), ("calm", calm_result)):
+    with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  timings["eval"] = time.perf_counter() - t
+
+  t = _stage("5/5 sample")
+  spec = generation.frozen_sampling(calm_run.config.sampling, temperature=1.0,
+                                    max_tokens=p["sample_tokens"], num_samples=1)
+  sample = sampling.generate(calm_run, PROMPT, spec)
+  print(f"{PROMPT}{sample['texts'][0]}")
+  timings["sample"] = time.perf_counter() - t
+
+  summary = {
+      "workdir": os.path.abspath(workdir),
+      "profile": "small" if small else "full",
+      "autoencoder_steps": ae_run.step,
+      "autoencoder_token_accuracy": ae_result["token_accuracy"],
+      "autoencoder_token_accuracy_noisy": ae_result["token_accuracy_noisy"],
+      "calm_steps": calm_run.step,
+      "calm_energy_loss": calm_result["energy_loss"],
+      **{f"calm_{k}": calm_result[k] for k in ("brier1", "brier2", "brier3", "brier4", "brierlm")},
+      "eval_tokens": calm_result["num_tokens"],
+      "eval_block_len": calm_result["block_len"],
+      "sample_prompt": PROMPT,
+      "sample": sample["texts"][0],
+      "sample_tokens_per_s": sample["tokens_per_s"],
+      "seconds": {k: round(v, 1) for k, v in timings.items()},
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  print("\n== summary (also in %s)" % os.path.join(workdir, "summary.json"))
+  print(evaluate.format_table({k: v for k, v in summary.items() if k != "seconds"}
+                              | {f"seconds[{k}]": v for k, v in summary["seconds"].items()}))
+  sys.stdout.flush()
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging_setup.setup()
+  with user_errors.exit_on_user_error():
+    run_quickstart(flags.FLAGS.workdir, flags.FLAGS.small, jax.devices()[:1])
+
+
+def run():
+  if "workdir" not in flags.FLAGS:
+    flags.DEFINE_string("workdir", None, "Directory for every stage of the quickstart.")
+  flags.DEFINE_bool("small", False, "A shrunken pipeline (seconds of training) for tests.")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -4,7 +4,7 @@ r"""The AR baseline: a token-level Llama-style Transformer with the CALM backbon
     --config.data.train='jsonl:../shared/data/corpus/train-*.jsonl' \
     --config.data.eval=jsonl:../shared/data/corpus/valid.jsonl
 
-Variants: size=tiny|S|M|L (the paper's Transformer-S/M/L baselines).
+Variants: size=tiny|S|M|L (the paper's Transformer-S/M/L baselines), mesh=<common.MESHES>.
   tiny: 2 CPU cores, minutes; the loss falls below 6 nats within 500 steps.
   S/M/L: accelerators; seq_len 2048, global batch 256.
 """
@@ -19,9 +19,10 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny")
+  arg = common.parse_arg(arg, size="tiny", mesh="local")
   s = SIZES[arg.size]
   config = common.base_config("ar")
+  common.apply_mesh(config, arg.mesh)
   config.data.vocab_size = s["vocab_size"]
   config.data.seq_len = s["seq_len"]
   config.train.batch_size = s["batch_size"]

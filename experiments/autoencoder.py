@@ -4,7 +4,7 @@ r"""Stage 1: the CALM autoencoder (K tokens <-> one l-dim Gaussian latent).
     --config.data.train='jsonl:../shared/data/corpus/train-*.jsonl' \
     --config.data.eval=jsonl:../shared/data/corpus/valid.jsonl
 
-Variants: size=tiny|base, K=<chunk size>.
+Variants: size=tiny|base, K=<chunk size>, mesh=<a name in common.MESHES>.
   tiny: 2 CPU cores, about 30 minutes; >= 99.5% token accuracy (posterior mean).
   base: the paper's autoencoder (hidden 512, MLP 1280, 2+2 layers, l=128, K=4),
         for an accelerator; >99.9% token accuracy in the paper.
@@ -22,9 +22,10 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", K=4)
+  arg = common.parse_arg(arg, size="tiny", K=4, mesh="local")
   s = SIZES[arg.size]
   config = common.base_config("autoencoder")
+  common.apply_mesh(config, arg.mesh)
   config.data.vocab_size = s["vocab_size"]
   config.data.seq_len = s["seq_len"]
   config.data.packing = "chunk_aligned"     # no chunk crosses a document (the paper's setup)

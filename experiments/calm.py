@@ -5,7 +5,7 @@ r"""Stage 2: CALM, a Transformer that predicts the next chunk's latent vector.
     --config.data.train='jsonl:../shared/data/corpus/train-*.jsonl' \
     --config.data.eval=jsonl:../shared/data/corpus/valid.jsonl
 
-Variants: size=tiny|M|L|XL, head=energy|flow|diffusion, K=<chunk size>.
+Variants: size=tiny|M|L|XL, head=energy|flow|diffusion, K=<chunk size>, mesh=<common.MESHES>.
   tiny: 2 CPU cores, minutes; needs a finished tiny autoencoder run (W1).
   M/L/XL: the paper's CALM-M/L/XL (M: 1024 hidden, MLP 2752, 16 layers, 4 head
   blocks), for accelerators. K must equal the autoencoder's K.
@@ -23,9 +23,10 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", head="energy", K=4)
+  arg = common.parse_arg(arg, size="tiny", head="energy", K=4, mesh="local")
   s = SIZES[arg.size]
   config = common.base_config("calm")
+  common.apply_mesh(config, arg.mesh)
   config.data.vocab_size = s["vocab_size"]
   config.data.seq_len = s["seq_len"]
   config.train.batch_size = s["batch_size"]

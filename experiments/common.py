@@ -37,6 +37,28 @@ BACKBONES = {
 }
 
 
+# Named mesh shapes for the `mesh=` variant of every experiment: (data, fsdp, tensor,
+# dcn_data). data x fsdp x tensor x dcn_data must equal the device count; -1 = the rest.
+MESHES = {
+    "local": dict(data=-1, fsdp=1, tensor=1, dcn_data=1),     # pure data parallel
+    "fsdp": dict(data=1, fsdp=-1, tensor=1, dcn_data=1),      # one host, params sharded
+    "h100x8": dict(data=1, fsdp=8, tensor=1, dcn_data=1),     # one 8-GPU node
+    "h100x32": dict(data=4, fsdp=8, tensor=1, dcn_data=1),    # 4 nodes x 8 GPUs (SLURM)
+    "v5p-64": dict(data=4, fsdp=8, tensor=1, dcn_data=1),     # 32 chips, one slice
+    "v5p-128": dict(data=4, fsdp=16, tensor=1, dcn_data=1),   # 64 chips, one slice
+    "2xv5p-64": dict(data=4, fsdp=8, tensor=1, dcn_data=2),   # two slices over DCN (xpk)
+    "v5p-64-tp": dict(data=2, fsdp=8, tensor=2, dcn_data=1),  # XL with tensor parallelism
+}
+
+
+def apply_mesh(config, name):
+  """Sets config.mesh.{data,fsdp,tensor,dcn_data} from a MESHES entry."""
+  if name not in MESHES:
+    raise ValueError(f"Unknown mesh={name!r}; known meshes: {sorted(MESHES)}")
+  for field, value in MESHES[name].items():
+    config.mesh[field] = value
+
+
 def parse_arg(arg, **defaults):
   """Parses a big_vision style variant string 'size=M,head=flow,runlocal'."""
   values = dict(defaults)

@@ -12,6 +12,7 @@ VARIANTS = [
     "ar_baseline.py:size=tiny", "ar_baseline.py:size=S", "ar_baseline.py:size=M",
     "ar_baseline.py:size=L", "calm.py:size=tiny", "calm.py:size=M,head=flow",
     "calm.py:size=L,head=diffusion", "calm.py:size=XL", "calm.py:size=tiny,K=2",
+    "calm.py:size=M,mesh=v5p-64", "ar_baseline.py:size=S,mesh=h100x32",
 ]
 
 

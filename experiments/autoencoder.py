@@ -14,10 +14,12 @@ import ml_collections
 from experiments import common
 
 SIZES = {
-    "tiny": dict(hidden=128, mlp=320, latent_dim=32, vocab_size=4096, seq_len=256,
-                 batch_size=32, steps=3000, lr=1e-3, warmup=100),
+    # tiny: a 2048-piece vocabulary and small batches with a cosine decay learn the long
+    # tail of rare tokens far faster per CPU-second than 4096 pieces or 8k-token batches.
+    "tiny": dict(hidden=128, mlp=320, latent_dim=32, vocab_size=2048, seq_len=256,
+                 batch_size=16, steps=2000, lr=3e-3, warmup=50, schedule="cosine"),
     "base": dict(hidden=512, mlp=1280, latent_dim=128, vocab_size=32768, seq_len=2048,
-                 batch_size=64, steps=30000, lr=3e-4, warmup=1000),
+                 batch_size=64, steps=30000, lr=3e-4, warmup=1000, schedule="constant"),
 }
 
 
@@ -33,6 +35,8 @@ def get_config(arg=None):
   config.train.steps = s["steps"]
   config.optim.lr = s["lr"]
   config.optim.warmup_steps = s["warmup"]
+  config.optim.schedule = s["schedule"]
+  config.optim.min_lr_ratio = 0.05
   config.model = ml_collections.ConfigDict(dict(
       vocab_size=s["vocab_size"],
       patch_size=arg.K,                     # K: tokens per latent vector

@@ -15,7 +15,7 @@ import ml_collections
 from experiments import common
 
 SIZES = {
-    "tiny": dict(vocab_size=4096, latent_dim=32, seq_len=256, batch_size=16, steps=1000, lr=1e-3),
+    "tiny": dict(vocab_size=2048, latent_dim=32, seq_len=256, batch_size=16, steps=1000, lr=1e-3),
     "M": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),
     "L": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),
     "XL": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),

@@ -1,0 +1,55 @@
+"""calm-quickstart end to end in its --small form, re-run reuse, and calm-eval's JSON keys on its AE and CALM runs."""
+import json
+import os
+import time
+
+import jax
+import pytest
+
+from calm_jax import evaluate
+from calm_jax import quickstart
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("quickstart"))
+  summary = quickstart.run_quickstart(workdir, small=True, devices=jax.devices()[:1])
+  return workdir, summary
+
+
+def test_quickstart_writes_a_summary(quickstart_dir):
+  workdir, summary = quickstart_dir
+  with open(os.path.join(workdir, "summary.json")) as f:
+    saved = json.load(f)
+  assert saved["autoencoder_steps"] == quickstart.PROFILES["small"]["ae_steps"]
+  assert saved["calm_steps"] == quickstart.PROFILES["small"]["calm_steps"]
+  for key in ("autoencoder_token_accuracy", "calm_brierlm", "calm_brier1", "calm_energy_loss",
+              "sample", "sample_tokens_per_s"):
+    assert key in saved, key
+  assert 0.0 <= saved["autoencoder_token_accuracy"] <= 1.0
+  assert saved == json.loads(json.dumps(summary))
+
+
+def test_calm_eval_json_keys_for_autoencoder_and_calm_runs(quickstart_dir, tmp_path):
+  workdir, _ = quickstart_dir
+  (ae,) = evaluate.main_eval(os.path.join(workdir, "autoencoder"), max_tokens=64,
+                             output=str(tmp_path / "ae.json"))
+  assert {"token_accuracy", "token_accuracy_noisy", "kl", "num_tokens", "step", "workdir",
+          "block_len"} <= set(ae)
+  assert set(ae["token_accuracy_noisy"]) == {"0.3", "0.5"}
+  with open(tmp_path / "ae.json") as f:
+    assert json.load(f)["step"] == ae["step"]
+  (calm,) = evaluate.main_eval(os.path.join(workdir, "calm"), max_tokens=64,
+                               output=str(tmp_path / "calm.json"))
+  assert {"brier1", "brier2", "brier3", "brier4", "brierlm", "energy_loss", "num_tokens",
+          "step", "workdir", "block_len"} <= set(calm)
+
+
+def test_rerun_reuses_finished_stages(quickstart_dir):
+  workdir, summary = quickstart_dir
+  start = time.perf_counter()
+  again = quickstart.run_quickstart(workdir, small=True, devices=jax.devices()[:1])
+  assert again["autoencoder_steps"] == summary["autoencoder_steps"]
+  assert again["calm_steps"] == summary["calm_steps"]
+  assert again["seconds"]["tokenizer"] < 1.0          # the tokenizer file was kept
+  assert time.perf_counter() - start < 120

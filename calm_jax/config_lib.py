@@ -15,7 +15,8 @@ CONFIG_FILE = "config.json"
 RESUMABLE_FIELDS = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.allow_config_change", "checkpoint.every_steps", "checkpoint.keep",
-    "checkpoint.async_save", "data.worker_count", "data.prefetch", "data.eval",
+    "checkpoint.async_save", "data.worker_count", "data.prefetch", "data.eval", "eval",
+    "sampling",
 )
 
 

@@ -52,6 +52,7 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, f"This process's index in [0, num_processes) (env {ENV_PROCESS_ID}).")
 
 _initialized = False
+_barriers = 0
 
 
 class DistributedError(user_errors.UserError):
@@ -256,3 +257,27 @@ def initialize(mode=None, coordinator_address=None, num_processes=None, process_
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
   return True
+
+
+def barrier(name, timeout_s=1800):
+  """Waits until every process reaches barrier `name` (no-op with one process).
+
+  Uses the coordination service, not a device collective: gloo creates each CPU
+  collective context with a fixed 30 s deadline, so processes whose compiles
+  finish far apart (a loaded machine) should meet here between compiling a step
+  (jit(...).lower(...).compile()) and running it.
+  """
+  global _barriers
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
+  client = jax_distributed.global_state.client
+  if jax.process_count() == 1 or client is None:
+    return
+  _barriers += 1
+  try:
+    client.wait_at_barrier(f"calm_jax:{name}:{_barriers}", timeout_in_ms=int(timeout_s * 1000))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DistributedError(
+        f"Process {jax.process_index()} waited {timeout_s:.0f} s at barrier {name!r} for the "
+        f"other processes ({e}); check their logs for the one that failed or hangs.") from e

@@ -163,6 +163,44 @@ def test_initialize_errors_are_one_line():
   assert "before any other JAX call" in r.stderr and "Traceback" not in r.stderr
 
 
+_TWO_PROCESS_SCRIPT = textwrap.dedent("""\
+    import time
+    from absl import app, flags
+    from calm_jax import distributed
+
+    flags.DEFINE_string("config", None, "unused")
+    flags.DEFINE_string("workdir", None, "unused")
+
+    def main(argv):
+      assert distributed.initialize()
+      import jax, jax.numpy as jnp
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      mesh = jax.make_mesh((jax.device_count(),), ("d",))
+      x = jax.make_array_from_process_local_data(
+          NamedSharding(mesh, P("d")), jnp.arange(2.0) + 10 * jax.process_index())
+      total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P())).lower(x).compile()
+      if jax.process_index() == 1:
+        time.sleep(2)                       # a slower compile
+      distributed.barrier("compiled")
+      print("SUM", float(total(x)), jax.process_index(), jax.process_count(), jax.device_count())
+
+    app.run(main)
+    """)
+
+
+def test_two_local_processes_form_one_mesh(tmp_path):
+  script = tmp_path / "two.py"
+  script.write_text(_TWO_PROCESS_SCRIPT)
+  work = tmp_path / "w"
+  r = _script("local_multiprocess.sh", "2", "unused.py", str(work),
+              env=_env({"CALM_TRAIN": f"{sys.executable} {script}", "JAX_NUM_CPU_DEVICES": "2",
+                        "PYTHONPATH": str(ROOT)}))
+  logs = [(work / "logs" / f"process_{k}.log").read_text() for k in (0, 1)]
+  assert r.returncode == 0, r.stderr + "\n".join(logs)
+  for k, log in enumerate(logs):
+    assert f"SUM 22.0 {k} 2 4" in log         # 0+1+10+11 over 2 processes x 2 devices
+
+
 # -- launch scripts -----------------------------------------------------------------------------
 
 def _env(extra=None, path_prefix=None):

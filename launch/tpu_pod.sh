@@ -37,15 +37,14 @@
 #                     gcloud compute tpus tpu-vm ssh TPU_NAME --worker=0 --command='tail -f ~/calm_logs/RUN_NAME.*'
 #   RUN_NAME          log file prefix (default calm-<UTC time>)
 #
-# Worked example: CALM-M on a v5p-64 (32 chips = 8 workers x 4 chips; data=4 x fsdp=8),
+# Worked example: CALM-M on a v5p-64 (32 chips = 8 workers x 4 chips; mesh=v5p-64 is data=4 x fsdp=8),
 # after its autoencoder run, with a Filestore share mounted at /mnt/shared:
 #   TPU_NAME=calm-m ZONE=us-east5-a PROJECT=my-project ACCELERATOR_TYPE=v5p-64 \
 #   RUNTIME_VERSION=v2-alpha-tpuv5 \
 #   SETUP_CMD='sudo mkdir -p /mnt/shared && sudo mount -t nfs 10.0.0.2:/shared /mnt/shared' \
-#   launch/tpu_pod.sh experiments/calm.py:size=M /mnt/shared/runs/calm_m \
+#   launch/tpu_pod.sh experiments/calm.py:size=M,mesh=v5p-64 /mnt/shared/runs/calm_m \
 #     --config.autoencoder.workdir=/mnt/shared/runs/ae_base \
-#     --config.data.train='arrayrecord:/mnt/shared/data/train' \
-#     --config.mesh.data=4 --config.mesh.fsdp=8
+#     --config.data.train='arrayrecord:/mnt/shared/data/train'
 set -euo pipefail
 
 SCRIPT_PATH="${BASH_SOURCE[0]}"

@@ -35,14 +35,14 @@
 #   EXTRA_XPK_ARGS more xpk arguments, split on spaces (e.g. '--storage=calm-fs --spot')
 #   XPK            the xpk command (default xpk)
 #
-# Worked example: CALM-M on two v5p-64 slices (2 x 32 chips; dcn_data=2, then data=4 x
-# fsdp=8 inside each slice):
+# Worked example: CALM-M on two v5p-64 slices (2 x 32 chips; mesh=2xv5p-64: dcn_data=2 across
+# slices, data=4 x fsdp=8 inside each):
 #   CLUSTER=calm-cluster WORKLOAD=calm-m-2x64 TPU_TYPE=v5p-64 NUM_SLICES=2 \
 #   PROJECT=my-project ZONE=us-east5-a \
 #   BASE_IMAGE=us-docker.pkg.dev/cloud-tpu-images/jax-ai-image/tpu:latest \
 #   EXTRA_XPK_ARGS='--storage=calm-fs' \
-#   launch/xpk.sh experiments/calm.py:size=M /shared/runs/calm_m \
-#     --config.autoencoder.workdir=/shared/runs/ae_base --config.mesh.fsdp=8
+#   launch/xpk.sh experiments/calm.py:size=M,mesh=2xv5p-64 /shared/runs/calm_m \
+#     --config.autoencoder.workdir=/shared/runs/ae_base
 set -euo pipefail
 
 SCRIPT_PATH="${BASH_SOURCE[0]}"

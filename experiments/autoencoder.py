@@ -17,7 +17,7 @@ SIZES = {
     # tiny: a 2048-piece vocabulary and small batches with a cosine decay learn the long
     # tail of rare tokens far faster per CPU-second than 4096 pieces or 8k-token batches.
     "tiny": dict(hidden=128, mlp=320, latent_dim=32, vocab_size=2048, seq_len=256,
-                 batch_size=16, steps=2000, lr=3e-3, warmup=50, schedule="cosine"),
+                 batch_size=16, steps=1500, lr=3e-3, warmup=50, schedule="cosine"),
     "base": dict(hidden=512, mlp=1280, latent_dim=128, vocab_size=32768, seq_len=2048,
                  batch_size=64, steps=30000, lr=3e-4, warmup=1000, schedule="constant"),
 }

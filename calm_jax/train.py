@@ -105,6 +105,19 @@ def _next_batch(train_iter, config):
     raise sources.DataError(_unreadable(config, "train", e)) from e
 
 
+def _abstract_batch(num_rows, seq_len, batch_sharding):
+  shape = jax.ShapeDtypeStruct((num_rows, seq_len), jnp.int32, sharding=batch_sharding)
+  return {"tokens": shape, "mask": shape}
+
+
+def _compile_then_meet(jitted, args, name):
+  """Compiles ahead, then waits for every process: gloo gives processes only 30 s to meet
+  at a new collective, and compile times differ between processes on a loaded machine."""
+  compiled = jitted.lower(*args).compile()
+  distributed.barrier(f"calm_jax:{name}_compiled")
+  return compiled
+
+
 def _dummy_batch(num_rows, seq_len):
   return {"tokens": jnp.zeros((num_rows, seq_len), jnp.int32),
           "mask": jnp.ones((num_rows, seq_len), jnp.int32)}
@@ -270,6 +283,18 @@ def train_and_evaluate(config, workdir, devices=None):
       logging.info("Resumed from %s step %d", ckpt.directory, step)
     if state is None:
       state = init_state(parts, config.train.seed)
+    if jax.process_count() > 1:
+      rng0 = jax.random.key(config.train.seed)
+      train_step = _compile_then_meet(
+          train_step, (state, frozen, _abstract_batch(config.train.batch_size,
+                                                      config.data.seq_len, batch_sharding), rng0),
+          "train_step")
+      if config.train.eval_every:
+        eval_step = _compile_then_meet(
+            eval_step, (state.params, frozen, _abstract_batch(config.eval.batch_size,
+                                                              config.eval.block_len,
+                                                              batch_sharding), rng0),
+            "eval_step")
 
     # -- Loop ------------------------------------------------------------------------
     writer = metrics_writer.MetricsWriter(workdir, enabled=is_primary)

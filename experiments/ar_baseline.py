@@ -21,13 +21,7 @@ SIZES = {
 def get_config(arg=None):
   arg = common.parse_arg(arg, size="tiny", mesh="local")
   s = SIZES[arg.size]
-  config = common.base_config("ar")
-  common.apply_mesh(config, arg.mesh)
-  config.data.vocab_size = s["vocab_size"]
-  config.data.seq_len = s["seq_len"]
-  config.train.batch_size = s["batch_size"]
-  config.train.steps = s["steps"]
-  config.optim.lr = s["lr"]
+  config = common.run_config("ar", arg.mesh, s)
   config.eval.block_len = s["seq_len"]     # the paper evaluates the AR baseline on 2048-token blocks
   config.model = common.backbone_config(arg.size, s["vocab_size"], patch_size=1)
   return config

@@ -26,14 +26,8 @@ SIZES = {
 def get_config(arg=None):
   arg = common.parse_arg(arg, size="tiny", K=4, mesh="local")
   s = SIZES[arg.size]
-  config = common.base_config("autoencoder")
-  common.apply_mesh(config, arg.mesh)
-  config.data.vocab_size = s["vocab_size"]
-  config.data.seq_len = s["seq_len"]
+  config = common.run_config("autoencoder", arg.mesh, s)
   config.data.packing = "chunk_aligned"     # no chunk crosses a document (the paper's setup)
-  config.train.batch_size = s["batch_size"]
-  config.train.steps = s["steps"]
-  config.optim.lr = s["lr"]
   config.optim.warmup_steps = s["warmup"]
   config.optim.schedule = s["schedule"]
   config.optim.min_lr_ratio = 0.05

@@ -25,13 +25,7 @@ SIZES = {
 def get_config(arg=None):
   arg = common.parse_arg(arg, size="tiny", head="energy", K=4, mesh="local")
   s = SIZES[arg.size]
-  config = common.base_config("calm")
-  common.apply_mesh(config, arg.mesh)
-  config.data.vocab_size = s["vocab_size"]
-  config.data.seq_len = s["seq_len"]
-  config.train.batch_size = s["batch_size"]
-  config.train.steps = s["steps"]
-  config.optim.lr = s["lr"]
+  config = common.run_config("calm", arg.mesh, s)
   config.eval.block_len = 4 * s["seq_len"] if arg.size != "tiny" else s["seq_len"]
 
   config.autoencoder = ml_collections.ConfigDict(dict(

@@ -180,6 +180,18 @@ def base_config(stage):
   return config
 
 
+def run_config(stage, mesh, size):
+  """base_config(stage) with a named mesh and a SIZES row's data/batch/steps/lr applied."""
+  config = base_config(stage)
+  apply_mesh(config, mesh)
+  config.data.vocab_size = size["vocab_size"]
+  config.data.seq_len = size["seq_len"]
+  config.train.batch_size = size["batch_size"]
+  config.train.steps = size["steps"]
+  config.optim.lr = size["lr"]
+  return config
+
+
 def backbone_config(size, vocab_size, patch_size):
   """The Llama-style Transformer fields shared by the CALM and AR models."""
   b = BACKBONES[size]

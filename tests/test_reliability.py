@@ -26,21 +26,19 @@ from calm_jax import train
 from calm_jax.data import pipeline
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
+from tests.conftest import TINY_VOCAB
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 AR = "experiments/ar_baseline.py:size=tiny"
 AUTOENCODER = "experiments/autoencoder.py:size=tiny"
 CALM = "experiments/calm.py:size=tiny"
-VOCAB = 512
+VOCAB = TINY_VOCAB
 RUN_TIMEOUT_S = 150                 # per subprocess; a hung run fails the test instead of CI
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tok") / "t.model")
-  tokenizer_lib.train_tokenizer(sources.iter_texts("builtin:python_docs"), VOCAB, path,
-                                max_chars=400_000)
-  return path
+def tokenizer_path(tiny_tokenizer_path):
+  return tiny_tokenizer_path
 
 
 def _overrides(tokenizer_path, steps, every, **extra):

@@ -1,56 +1,25 @@
 """The trainer: sharded == unsharded, exact resume, gradient accumulation, loss falls."""
-import json
-import os
-
 import jax
 import numpy as np
 import pytest
 
 from calm_jax import config_lib
 from calm_jax import train
-from calm_jax.data import sources
-from calm_jax.data import tokenizer as tokenizer_lib
-
-EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
-VOCAB = 512
+from tests.conftest import TINY_VOCAB
+from tests.run_helpers import metric_curve as losses
+from tests.run_helpers import tiny_run_config
 
 
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tok") / "t.model")
-  tokenizer_lib.train_tokenizer(sources.iter_texts("builtin:python_docs"), VOCAB, path,
-                                max_chars=400_000)
-  return path
+def make_config(experiment, tiny_tokenizer_path, **overrides):
+  return tiny_run_config(experiment, tiny_tokenizer_path, TINY_VOCAB, **overrides)
 
 
-def make_config(experiment, tokenizer_path, **overrides):
-  config = config_lib.load_config_file(os.path.join(EXPERIMENTS, experiment))
-  config.data.tokenizer = tokenizer_path
-  config.data.vocab_size = config.model.vocab_size = VOCAB
-  config.data.seq_len = 32
-  config.eval.block_len = 32
-  config.train.batch_size = 8
-  config.train.steps = 4
-  config.train.log_every = 1
-  config.train.eval_every = 0
-  config.checkpoint.every_steps = 1000
-  for key, value in overrides.items():
-    section, name = key.split("__")
-    config[section][name] = value
-  return config
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [row["loss"] for row in map(json.loads, f) if "loss" in row]
-
-
-def test_autoencoder_sharded_equals_single_device(tokenizer_path, tmp_path):
+def test_autoencoder_sharded_equals_single_device(tiny_tokenizer_path, tmp_path):
   runs = {}
   for name, mesh, devices in [("one", (1, 1, 1), jax.devices()[:1]),
                               ("data_fsdp", (-1, 2, 1), None),
                               ("data_tensor", (-1, 1, 2), None)]:
-    config = make_config("autoencoder.py:size=tiny", tokenizer_path, train__steps=3)
+    config = make_config("autoencoder.py:size=tiny", tiny_tokenizer_path, train__steps=3)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
     train.train_and_evaluate(config, str(tmp_path / name), devices)
     runs[name] = losses(str(tmp_path / name))
@@ -59,8 +28,8 @@ def test_autoencoder_sharded_equals_single_device(tokenizer_path, tmp_path):
   np.testing.assert_allclose(runs["data_tensor"], runs["one"], rtol=2e-5)
 
 
-def test_params_are_sharded_as_the_rules_say(tokenizer_path, tmp_path):
-  config = make_config("ar_baseline.py:size=tiny", tokenizer_path)
+def test_params_are_sharded_as_the_rules_say(tiny_tokenizer_path, tmp_path):
+  config = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 2, 2
   from calm_jax import sharding
   mesh = sharding.make_mesh(config.mesh)
@@ -76,22 +45,22 @@ def test_params_are_sharded_as_the_rules_say(tokenizer_path, tmp_path):
   assert mlp and all("tensor" in tuple(spec) for spec in mlp)
 
 
-def test_resume_continues_bit_identically(tokenizer_path, tmp_path):
+def test_resume_continues_bit_identically(tiny_tokenizer_path, tmp_path):
   straight = str(tmp_path / "straight")
-  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tokenizer_path,
+  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
                                        train__steps=6), straight)
   resumed = str(tmp_path / "resumed")
-  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tokenizer_path,
+  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
                                        train__steps=3), resumed)
-  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tokenizer_path,
+  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
                                        train__steps=6), resumed)
   assert losses(resumed) == losses(straight)
 
 
-def test_gradient_accumulation_matches_full_batch(tokenizer_path, tmp_path):
-  full = make_config("ar_baseline.py:size=tiny", tokenizer_path, train__steps=3,
+def test_gradient_accumulation_matches_full_batch(tiny_tokenizer_path, tmp_path):
+  full = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path, train__steps=3,
                      train__batch_size=16)
-  accum = make_config("ar_baseline.py:size=tiny", tokenizer_path, train__steps=3,
+  accum = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path, train__steps=3,
                       train__batch_size=16, train__grad_accum_steps=2)
   train.train_and_evaluate(full, str(tmp_path / "full"))
   train.train_and_evaluate(accum, str(tmp_path / "acc"))
@@ -99,8 +68,8 @@ def test_gradient_accumulation_matches_full_batch(tokenizer_path, tmp_path):
                              rtol=1e-5)
 
 
-def test_ar_loss_falls(tokenizer_path, tmp_path):
-  config = make_config("ar_baseline.py:size=tiny", tokenizer_path, train__steps=40,
+def test_ar_loss_falls(tiny_tokenizer_path, tmp_path):
+  config = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path, train__steps=40,
                        train__log_every=5, train__eval_every=40, train__eval_batches=2,
                        optim__warmup_steps=5)
   result = train.train_and_evaluate(config, str(tmp_path))
@@ -109,10 +78,10 @@ def test_ar_loss_falls(tokenizer_path, tmp_path):
   assert "eval/loss" in result
 
 
-def test_workdir_with_other_config_is_refused(tokenizer_path, tmp_path):
-  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tokenizer_path,
+def test_workdir_with_other_config_is_refused(tiny_tokenizer_path, tmp_path):
+  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
                                        train__steps=1), str(tmp_path))
-  other = make_config("ar_baseline.py:size=tiny", tokenizer_path, train__steps=2)
+  other = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path, train__steps=2)
   other.optim.lr = 1e-2
   with pytest.raises(config_lib.ConfigError, match="optim.lr"):
     train.train_and_evaluate(other, str(tmp_path))

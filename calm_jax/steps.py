@@ -84,7 +84,8 @@ def make_train_step(model, tx, schedule, grad_accum_steps):
         last_bad_step=jnp.where(finite, state.last_bad_step, state.step),
     )
     metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
-                   skipped_updates=new_state.skipped.astype(jnp.float32))
+                   skipped_updates=new_state.skipped.astype(jnp.float32),
+                   last_bad_step=new_state.last_bad_step.astype(jnp.float32))
     return new_state, metrics
 
   return train_step

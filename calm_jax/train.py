@@ -309,10 +309,14 @@ def train_and_evaluate(config, workdir, devices=None):
     skipped_at_start = int(jax.device_get(state.skipped))
     completed = saved = start               # updates in `state`; the newest checkpointed step
 
-    def halt_if_nonfinite(skipped, loss=None):
-      """nan_policy='halt': stop at the first skipped update of this run (none was applied)."""
+    def halt_if_nonfinite(skipped, last_bad_step, loss=None):
+      """nan_policy='halt': stop at the first skipped update of this run (none was applied).
+
+      skipped and last_bad_step come from the same state (a flushed step's metrics, or the
+      current state), so the step named is the one whose update was skipped.
+      """
       if config.train.nan_policy == "halt" and skipped > skipped_at_start:
-        bad = int(jax.device_get(state.last_bad_step)) + 1
+        bad = int(last_bad_step) + 1
         raise TrainingHalted(
             f"Non-finite loss or gradients at step {bad}"
             + (f" (logged loss={loss})" if loss is not None else "")
@@ -329,7 +333,8 @@ def train_and_evaluate(config, workdir, devices=None):
       t_last, step_last = now, step
       writer.write(step, metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-      halt_if_nonfinite(int(metrics["skipped_updates"]), metrics["loss"])
+      halt_if_nonfinite(int(metrics["skipped_updates"]), metrics["last_bad_step"],
+                        metrics["loss"])
       return metrics
 
     def save(step):
@@ -364,7 +369,7 @@ def train_and_evaluate(config, workdir, devices=None):
               last_logged = flush(pending)
               pending = None
             # Under 'halt', never save past a skipped update (also one between log steps).
-            halt_if_nonfinite(int(jax.device_get(state.skipped)))
+            halt_if_nonfinite(*jax.device_get((state.skipped, state.last_bad_step)))
             save(done)
           if preempted:
             logging.warning("Preempted: saved step %d in %s; rerun the same command to resume.",

@@ -16,6 +16,7 @@ setuptools.setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "grain>=0.2.18,<0.3",
         "tensorflow-datasets>=4.9.10,<5",
+        "importlib_resources>=6",          # tfds builders import it; not pulled in by tfds itself
         "sentencepiece>=0.2.3,<0.3",
         "ml-collections>=1.1.0,<2",
         "array-record>=0.8.6,<0.9",

@@ -430,7 +430,7 @@ def test_wrong_spec(bad_runs):
 
 
 def test_tokenizer_model_vocab_mismatch(bad_runs):
-  _assert_one_line_error(bad_runs["vocab_mismatch"], "512 pieces", "config.model.vocab_size=1024")
+  _assert_one_line_error(bad_runs["vocab_mismatch"], f"{VOCAB} pieces", "config.model.vocab_size=1024")
 
 
 def test_missing_tokenizer(bad_runs):

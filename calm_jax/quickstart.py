@@ -42,8 +42,8 @@ PROMPT = "The function returns"
 # Overrides of the tiny experiment configs: full quickstart (about 10 minutes on 2 CPU cores)
 # and --small (the test suite).
 PROFILES = {
-    "full": dict(vocab=1024, tokenizer_chars=2_000_000, seq_len=64, ae_batch=32, ae_steps=1200,
-                 ae_lr=3e-3, calm_batch=16, calm_steps=600, calm_lr=1e-3, warmup=50,
+    "full": dict(vocab=1024, tokenizer_chars=2_000_000, seq_len=64, ae_batch=32, ae_steps=2000,
+                 ae_lr=3e-3, calm_batch=16, calm_steps=1000, calm_lr=1e-3, warmup=50,
                  eval_tokens=20_000, sample_tokens=48),
     "small": dict(vocab=512, tokenizer_chars=300_000, seq_len=32, ae_batch=8, ae_steps=12,
                   ae_lr=3e-3, calm_batch=8, calm_steps=8, calm_lr=1e-3, warmup=2,

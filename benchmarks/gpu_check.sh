@@ -20,7 +20,7 @@
 #     array_record==0.8.6 portpicker tensorboardX==2.6.5
 # and call the device tool with carry=[".whl"] and command "bash benchmarks/gpu_check.sh".
 # Wheels found in .whl/ are unpacked into /tmp/site (no index, no dependencies). The
-# package itself is `pip install -e .`'d only when pyproject.toml exists and every
+# package itself is `pip install -e .`'d only when pyproject.toml or setup.py exists and every
 # dependency is already importable; otherwise the repo root goes on PYTHONPATH.
 set -uo pipefail
 
@@ -56,7 +56,7 @@ if [ -n "$MISSING" ]; then
   exit 3
 fi
 
-if [ -f pyproject.toml ]; then
+if [ -f pyproject.toml ] || [ -f setup.py ]; then
   "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
     || echo "gpu_check: 'pip install -e .' failed; using PYTHONPATH instead"
 fi

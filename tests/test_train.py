@@ -85,3 +85,22 @@ def test_workdir_with_other_config_is_refused(tiny_tokenizer_path, tmp_path):
   other.optim.lr = 1e-2
   with pytest.raises(config_lib.ConfigError, match="optim.lr"):
     train.train_and_evaluate(other, str(tmp_path))
+
+
+def test_compile_only_reports_per_device_memory(tiny_tokenizer_path, tmp_path):
+  config = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 4, 1
+  report = train.compile_only(config, str(tmp_path))
+  assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  full_gib = report["params_total"] * 4 / 1024**3
+  # Every weight matrix has an 'embed' dim sharded 4 ways over fsdp; norms stay replicated.
+  assert full_gib / 4 <= report["per_device_gib"]["params"] < full_gib / 3
+  assert report["per_device_gib"]["optimizer"] > report["per_device_gib"]["params"]
+  assert report["flops_per_step_per_device"] > 0
+  assert (tmp_path / "compile_report.json").exists()
+
+
+def test_compile_only_calm_without_autoencoder_run(tmp_path):
+  config = make_config("calm.py:size=tiny", "")
+  report = train.compile_only(config, str(tmp_path))
+  assert report["frozen_params_total"] > 0 and report["params_total"] > 0

@@ -14,7 +14,6 @@ update step, checkpoint load, eval, loop.
 """
 import json
 import logging
-import math
 import os
 import sys
 import time

@@ -33,6 +33,7 @@ import numpy as np
 import tqdm
 
 from calm_jax import brier
+from calm_jax import cli
 from calm_jax import eval_lib
 from calm_jax import logging_setup
 from calm_jax import restore
@@ -203,8 +204,7 @@ def main(argv):
 
 def run():
   define_flags()
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run_app(main, ["workdir"], ["calm_jax.evaluate", "calm_jax.train"])
 
 
 if __name__ == "__main__":

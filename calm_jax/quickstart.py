@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 import jax
 
+from calm_jax import cli
 from calm_jax import config_lib
 from calm_jax import evaluate
 from calm_jax import generation
@@ -162,8 +163,7 @@ def run():
   if "workdir" not in flags.FLAGS:
     flags.DEFINE_string("workdir", None, "Directory for every stage of the quickstart.")
   flags.DEFINE_bool("small", False, "A shrunken pipeline (seconds of training) for tests.")
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run_app(main, ["workdir"], ["calm_jax.quickstart", "calm_jax.train"])
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from calm_jax import cli
 from calm_jax import generation
 from calm_jax import logging_setup
 from calm_jax import restore
@@ -97,8 +98,7 @@ def main(argv):
 
 def run():
   define_flags()
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run_app(main, ["workdir"], ["calm_jax.sampling", "calm_jax.train"])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import tqdm
 
 from calm_jax import aot
 from calm_jax import checkpoint
+from calm_jax import cli
 from calm_jax import config_lib
 from calm_jax import distributed
 from calm_jax import logging_setup
@@ -424,8 +425,7 @@ def main(argv):
 
 
 def run():
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run_app(main, ["config"], ["calm_jax.train", "calm_jax.distributed"])
 
 
 if __name__ == "__main__":

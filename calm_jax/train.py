@@ -23,7 +23,6 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import numpy as np
 from ml_collections import config_flags
 import tqdm
@@ -58,11 +57,6 @@ _TOPOLOGY = flags.DEFINE_string(
 
 class TrainingHalted(user_errors.UserError):
   """Training stopped on purpose (non-finite loss with nan_policy='halt')."""
-
-
-def _wait_for_primary(name):
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"calm_jax:{name}")
 
 
 def _check_workdir_config(config, workdir):
@@ -226,7 +220,7 @@ def train_and_evaluate(config, workdir, devices=None):
         f"the data-parallel size {shards}.")
 
   # -- Tokenizer and input --------------------------------------------------
-  tokenizer = stages.resolve_tokenizer(config, workdir, is_primary, _wait_for_primary)
+  tokenizer = stages.resolve_tokenizer(config, workdir, is_primary, distributed.barrier)
   if is_primary:
     config_lib.save_config(config, workdir)
   if config.train.eval_every:

@@ -92,10 +92,14 @@ def test_clipped_kl_matches_formula_and_clip():
 
 def test_token_masking_rate():
   tokens = jnp.full((400, 100), 7, jnp.int32)
-  masked = autoencoder.mask_tokens(jax.random.key(3), tokens, rate=0.15, mask_id=0)
+  u = jax.random.uniform(jax.random.key(3), tokens.shape)
+  masked = autoencoder.mask_tokens(u, tokens, rate=0.15, mask_id=0)
   assert set(np.unique(masked)) == {0, 7}
   assert abs(float(jnp.mean(masked == 0)) - 0.15) < 0.005
-  assert bool(jnp.all(autoencoder.mask_tokens(jax.random.key(3), tokens, 0.0, 0) == 7))
+  assert bool(jnp.all(autoencoder.mask_tokens(u, tokens, 0.0, 0) == 7))
+  # The reference keeps a token iff u > rate: u == rate is masked.
+  edge = autoencoder.mask_tokens(jnp.array([0.15, 0.1500001]), jnp.array([7, 7]), 0.15, 0)
+  assert edge.tolist() == [0, 7]
 
 
 def test_padding_carries_no_loss_and_eval_metrics_at_init():

@@ -8,6 +8,10 @@ paper's code; the MLPs do not. Params: 'embed', 'encoder', 'decoder'.
 
 Training (train=True): 15% of input tokens become mask_id, z = mean + std * eps,
 dropout on z, loss = K * CE + kl_weight * KL with the per-dim KL clipped from below.
+With model.encoder_bf16_embeddings_in_training the encoder rounds its token embeddings
+to bfloat16 in training, as the reference's Encoder does whenever it is in training mode.
+Every random draw comes from `noise()`; `__call__(batch, train, noise=...)` takes them
+from the caller instead (the reference-equivalence checks inject the reference's draws).
 Metrics: loss, recon_loss (CE per real token), kl (clipped, as in the loss), kl_unclipped;
 train: token_accuracy_train (of the noisy training reconstruction); eval: token_accuracy
 (decode of the posterior mean), token_accuracy_sample, token_accuracy_noise_<sigma>.
@@ -40,10 +44,16 @@ def _stage_layers(n, field):
   return n // 2
 
 
-def mask_tokens(rng, tokens, rate, mask_id):
-  """Replaces each token by mask_id with probability rate (the paper's input masking)."""
-  keep = jax.random.uniform(rng, tokens.shape) >= rate
-  return jnp.where(keep, tokens, mask_id)
+def mask_tokens(u, tokens, rate, mask_id):
+  """Replaces a token by mask_id unless its uniform draw u > rate (the reference's input masking)."""
+  return jnp.where(u > rate, tokens, mask_id)
+
+
+def latent_dropout(z, keep, rate):
+  """Dropout from a keep-mask: z * (keep / (1 - rate)), the formula of torch's F.dropout."""
+  if rate == 0.0:
+    return z
+  return z * (jnp.asarray(keep, z.dtype) / (1.0 - rate))
 
 
 def clipped_kl(mean_Nxl, log_std_Nxl, clip):
@@ -106,12 +116,17 @@ class Autoencoder(nn.Module):
     self.embed = Embed(c.vocab_size, c.hidden, c.init_std, dtype=self.dtype)
     self.encoder = Encoder(c, dtype=self.dtype)
     self.decoder = Decoder(c, dtype=self.dtype)
-    self.latent_dropout = nn.Dropout(c.latent_dropout)
 
-  def encode(self, tokens_NxK):
-    """(mean_Nxl, log_std_Nxl) of the posterior, float32; deterministic, no masking."""
-    x = constrain(self.embed(tokens_NxK), ("batch", "length", "act_embed"))
-    return self.encoder(x)
+  def encode(self, tokens_NxK, bf16_embeddings=False):
+    """(mean_Nxl, log_std_Nxl) of the posterior, float32; deterministic, no masking.
+
+    bf16_embeddings: round the token embeddings to bfloat16 before the layers (what the
+    reference's Encoder does in training mode; a no-op when computing in bfloat16).
+    """
+    x = self.embed(tokens_NxK)
+    if bf16_embeddings:
+      x = jnp.asarray(x, jnp.bfloat16)
+    return self.encoder(constrain(x, ("batch", "length", "act_embed")))
 
   def decode(self, z_Nxl):
     """logits_NxKxV (compute dtype) of the K tokens, through the tied embedding."""
@@ -122,7 +137,25 @@ class Autoencoder(nn.Module):
     logits = self.decode(jax.lax.stop_gradient(z_Nxl))
     return masked_mean(jnp.argmax(logits, axis=-1) == tokens_NxK, mask_NxK)
 
-  def __call__(self, batch, train=False):
+  def noise(self, num_chunks, train):
+    """The random draws of one forward pass over num_chunks chunks.
+
+    {'eps': [N, l] standard normal for z = mean + std * eps (rng stream 'sample'), and
+    in training 'token_u': [N, K] uniform (a token is masked unless u > token_mask_rate)
+    and 'latent_keep': [N, l] bool, P(True) = 1 - latent_dropout (stream 'dropout')}.
+    """
+    c = self.config
+    out = {"eps": jax.random.normal(self.make_rng("sample"), (num_chunks, c.latent_dim),
+                                    jnp.float32)}
+    if train:
+      token_rng, keep_rng = jax.random.split(self.make_rng("dropout"))
+      out["token_u"] = jax.random.uniform(token_rng, (num_chunks, c.patch_size))
+      out["latent_keep"] = jax.random.bernoulli(keep_rng, 1.0 - c.latent_dropout,
+                                                (num_chunks, c.latent_dim))
+    return out
+
+  def __call__(self, batch, train=False, noise=None):
+    """(loss, metrics); noise: the draws of `noise()` to use instead of fresh ones."""
     c = self.config
     k = c.patch_size
     if batch["tokens"].shape[-1] % k:
@@ -131,15 +164,18 @@ class Autoencoder(nn.Module):
     tokens_NxK = jnp.asarray(batch["tokens"], jnp.int32).reshape(-1, k)
     mask_NxK = jnp.asarray(batch["mask"], jnp.float32).reshape(-1, k)
     chunk_valid_N = jnp.max(mask_NxK, axis=-1)          # all-padding chunks carry no loss
+    if noise is None:
+      noise = self.noise(tokens_NxK.shape[0], train)
 
     inputs_NxK = tokens_NxK
     if train:
-      inputs_NxK = mask_tokens(self.make_rng("dropout"), tokens_NxK, c.token_mask_rate,
-                               c.mask_id)
-    mean, log_std = self.encode(inputs_NxK)
+      inputs_NxK = mask_tokens(noise["token_u"], tokens_NxK, c.token_mask_rate, c.mask_id)
+    mean, log_std = self.encode(inputs_NxK,
+                                bf16_embeddings=train and c.encoder_bf16_embeddings_in_training)
     std = jnp.exp(log_std)
-    z = mean + std * jax.random.normal(self.make_rng("sample"), mean.shape, mean.dtype)
-    z = self.latent_dropout(z, deterministic=not train)
+    z = mean + jnp.asarray(noise["eps"], mean.dtype) * std
+    if train:
+      z = latent_dropout(z, noise["latent_keep"], c.latent_dropout)
     logits = self.decode(z)
 
     ce_NxK, correct_NxK = cross_entropy(logits, tokens_NxK)

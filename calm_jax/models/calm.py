@@ -3,7 +3,10 @@
   tokens_BxL -> T = L/K chunks of K tokens
   input  t:  the K token embeddings of chunk t, concatenated (K*D) -> 2D -> SiLU -> D -> LayerNorm
   backbone:  causal Transformer over the chunk inputs 0..T-2 -> h_t (predicts chunk t+1)
-  target t:  the frozen autoencoder's posterior (mean, log_std) of chunk t+1
+  target t:  the frozen autoencoder's posterior (mean, log_std) of chunk t+1 (in training
+             with model.targets_bf16_embeddings_in_training, from bfloat16-rounded token
+             embeddings, as the reference computes them: its trainer's model.train() also
+             puts the frozen autoencoder in training mode)
   loss:      the generative head's per-position loss (energy score by default), averaged over
              target chunks whose K tokens all have mask 1.
 
@@ -40,7 +43,7 @@ class InputCompression(nn.Module):
                                         name=name)
     h = nn.silu(dense(2 * c.hidden, ("embed", "mlp"), "expand")(x_BxTxKD))
     h = dense(c.hidden, ("mlp", "embed"), "project")(h)
-    h = head_layers.layer_norm(c.norm_eps, self.dtype, "norm")(h)
+    h = head_layers.layer_norm(c.layer_norm_eps, self.dtype, "norm")(h)
     return constrain(h, ("batch", "length", "act_embed"))
 
 
@@ -82,24 +85,31 @@ class CALM(nn.Module):
     self._check_length(tokens_BxL.shape[1])
     return self.transformer(self._chunk_inputs(tokens_BxL[:, :-self.config.patch_size]))
 
-  def targets(self, tokens_NxK):
+  def targets(self, tokens_NxK, train=False):
     """The frozen encoder's posterior (mean_Nxl, log_std_Nxl), float32, no gradient."""
-    mean, log_std = self.autoencoder.encode(jnp.asarray(tokens_NxK, jnp.int32))
+    bf16 = train and self.config.targets_bf16_embeddings_in_training
+    mean, log_std = self.autoencoder.encode(jnp.asarray(tokens_NxK, jnp.int32),
+                                            bf16_embeddings=bf16)
     return jax.lax.stop_gradient(mean), jax.lax.stop_gradient(log_std)
 
-  def __call__(self, batch, train=False):
-    """(loss, metrics): the head's loss averaged over targets with all K tokens real."""
-    del train        # no dropout; the 'sample' rng drives the head in training and eval
+  def __call__(self, batch, train=False, noise=None):
+    """(loss, metrics): the head's loss averaged over targets with all K tokens real.
+
+    No dropout; the 'sample' rng drives the head in training and eval. noise: the head's
+    loss draws (EnergyHead.loss_noise) to use instead of fresh ones (energy head only).
+    """
     c = self.config
     k = c.patch_size
     tokens_BxL = jnp.asarray(batch["tokens"], jnp.int32)
     b, length = tokens_BxL.shape
     h_BxT1xD = self.hidden_states(tokens_BxL)
     n = b * (length // k - 1)
-    mean_Nxl, log_std_Nxl = self.targets(tokens_BxL[:, k:].reshape(n, k))
+    mean_Nxl, log_std_Nxl = self.targets(tokens_BxL[:, k:].reshape(n, k), train)
     mask_NxK = jnp.asarray(batch["mask"], jnp.int32)[:, k:].reshape(n, k)
     valid_N = jnp.all(mask_NxK == 1, axis=-1)
-    loss_N, metrics_N = self.head.loss(h_BxT1xD.reshape(n, c.hidden), mean_Nxl, log_std_Nxl)
+    head_args = () if noise is None else (noise,)
+    loss_N, metrics_N = self.head.loss(h_BxT1xD.reshape(n, c.hidden), mean_Nxl, log_std_Nxl,
+                                       *head_args)
     if self.is_initializing():      # create the frozen decoder's params too
       self.decode_latent(jnp.zeros((1, c.latent_dim), jnp.float32))
     loss = masked_mean(loss_N, valid_N)

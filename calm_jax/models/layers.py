@@ -82,7 +82,13 @@ class Embed(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale over the last dim, computed in float32; scale is initialised to 1."""
+  """scale * (x / rms(x)) over the last dim (Llama's LlamaRMSNorm); scale is initialised to 1.
+
+  As in the reference, the normalisation runs in float32 and its result is rounded back
+  to the input's dtype *before* the float32 scale multiplies it: a bfloat16 input is
+  rounded once more than a float32 one (the reference autoencoder's training-mode
+  bfloat16 embeddings depend on this). The output is in the compute `dtype`.
+  """
   eps: float
   axis_name: str = "embed"
   dtype: Dtype = jnp.float32
@@ -95,7 +101,8 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     x32 = jnp.asarray(x, jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return jnp.asarray(x32 * jnp.asarray(scale, jnp.float32), self.dtype)
+    normed = jnp.asarray(jnp.asarray(x32, x.dtype), jnp.float32)
+    return jnp.asarray(normed * jnp.asarray(scale, jnp.float32), self.dtype)
 
 
 class MLP(nn.Module):

@@ -31,17 +31,27 @@ def zero_dense(features, axes, dtype, name):
 
 
 def layer_norm(eps, dtype, name, affine=True, axis_name="embed"):
-  """LayerNorm over the last dim (statistics in float32), optionally without scale/bias."""
+  """LayerNorm over the last dim, optionally without scale/bias.
+
+  Statistics in float32 with the two-pass variance mean((x - mean)^2) of torch's
+  nn.LayerNorm (flax's default one-pass E[x^2] - E[x]^2 loses digits when |mean| >> std).
+  """
   return nn.LayerNorm(
       epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_scale=affine, use_bias=affine,
+      use_fast_variance=False,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
       bias_init=nn.with_logical_partitioning(ZEROS, (axis_name,)),
       name=name)
 
 
-def posterior_samples(rng, mean_Nxl, log_std_Nxl, num):
-  """num draws y = mean + std * eps from the autoencoder posterior: [num, N, l] float32."""
+def posterior_from_noise(mean_Nxl, log_std_Nxl, eps_SxNxl):
+  """y = mean + eps * exp(log_std) for standard normal eps [S, N, l]: [S, N, l] float32."""
   mean = jnp.asarray(mean_Nxl, jnp.float32)
   std = jnp.exp(jnp.asarray(log_std_Nxl, jnp.float32))
-  eps = jax.random.normal(rng, (num,) + mean.shape, jnp.float32)
-  return mean + std * eps
+  return mean + jnp.asarray(eps_SxNxl, jnp.float32) * std
+
+
+def posterior_samples(rng, mean_Nxl, log_std_Nxl, num):
+  """num draws y = mean + std * eps from the autoencoder posterior: [num, N, l] float32."""
+  eps = jax.random.normal(rng, (num,) + jnp.shape(mean_Nxl), jnp.float32)
+  return posterior_from_noise(mean_Nxl, log_std_Nxl, eps)

@@ -55,7 +55,7 @@ class DiffusionHead(nn.Module):
   def setup(self):
     cfg = self.model_config
     self.net = adaln_mlp.AdaLNMLP(cfg.hidden, cfg.latent_dim, cfg.num_head_blocks,
-                                  cfg.norm_eps, self.dtype, name="net")
+                                  cfg.layer_norm_eps, self.dtype, name="net")
 
   def _time(self, t_int):
     """Integer timestep -> the network's time input in [0, TIME_SCALE)."""

@@ -47,13 +47,13 @@ class EnergyHead(nn.Module):
   def setup(self):
     cfg = self.model_config
     d, init = cfg.hidden, common.normal(cfg.init_std)
-    ln = lambda name: common.layer_norm(cfg.norm_eps, self.dtype, name)
+    ln = lambda name: common.layer_norm(cfg.layer_norm_eps, self.dtype, name)
     self.noise_embed = common.dense(d, ("noise", "embed"), init, self.dtype, "noise_embed")
     self.noise_norm = ln("noise_norm")
     self.hidden_embed = common.dense(d, ("embed", "mlp"), init, self.dtype, "hidden_embed")
     self.hidden_norm = ln("hidden_norm")
-    self.blocks = [FusionBlock(d, cfg.init_std, cfg.norm_eps, self.dtype, name=f"block_{i}")
-                   for i in range(cfg.num_head_blocks)]
+    self.blocks = [FusionBlock(d, cfg.init_std, cfg.layer_norm_eps, self.dtype,
+                               name=f"block_{i}") for i in range(cfg.num_head_blocks)]
     self.final_norm = ln("final_norm")
     self.final_hidden = common.dense(d, ("embed", "mlp"), init, self.dtype, "final_hidden")
     self.final_out = common.zero_dense(cfg.latent_dim, ("mlp", "latent"), self.dtype,
@@ -80,13 +80,28 @@ class EnergyHead(nn.Module):
     """One head sample per backbone vector: h [..., D] -> z [..., l] (float32)."""
     return self.generate(self.condition(h_xD), self._noise(h_xD.shape[:-1]))
 
-  def loss(self, h_NxD, mean_Nxl, log_std_Nxl):
-    """Energy loss per position: (loss_N, metrics of float32[N])."""
+  def loss_noise(self, n):
+    """The random draws of `loss` for n positions, from the rng stream 'sample'.
+
+    {'u': [num_model_samples, n, noise_dim] uniform in [-0.5, 0.5) (the head's input noise),
+     'eps': [num_target_samples, n, l] standard normal (the posterior samples' noise)}.
+    """
     cfg = self.model_config
-    n = h_NxD.shape[0]
-    x_SxNxl = self.generate(self.condition(h_NxD)[None], self._noise((cfg.num_model_samples, n)))
-    y_MxNxl = common.posterior_samples(self.make_rng("sample"), mean_Nxl, log_std_Nxl,
-                                       cfg.num_target_samples)
+    u = self._noise((cfg.num_model_samples, n))
+    eps = jax.random.normal(self.make_rng("sample"), (cfg.num_target_samples, n, cfg.latent_dim),
+                            jnp.float32)
+    return {"u": u, "eps": eps}
+
+  def loss(self, h_NxD, mean_Nxl, log_std_Nxl, noise=None):
+    """Energy loss per position: (loss_N, metrics of float32[N]).
+
+    noise: the draws of `loss_noise` to use instead of fresh ones (the reference checks
+    inject the reference's own draws here); None draws them from the rng stream 'sample'.
+    """
+    cfg = self.model_config
+    noise = self.loss_noise(h_NxD.shape[0]) if noise is None else noise
+    x_SxNxl = self.generate(self.condition(h_NxD)[None], noise["u"])
+    y_MxNxl = common.posterior_from_noise(mean_Nxl, log_std_Nxl, noise["eps"])
     fidelity_N, diversity_N = energy_score.energy_terms(x_SxNxl, y_MxNxl, cfg.beta)
     loss_N = 2.0 * fidelity_N - diversity_N
     mean_sq_SxN = jnp.sum(jnp.square(x_SxNxl - jnp.asarray(mean_Nxl, jnp.float32)), axis=-1)

@@ -32,7 +32,7 @@ class FlowHead(nn.Module):
   def setup(self):
     cfg = self.model_config
     self.net = adaln_mlp.AdaLNMLP(cfg.hidden, cfg.latent_dim, cfg.num_head_blocks,
-                                  cfg.norm_eps, self.dtype, name="net")
+                                  cfg.layer_norm_eps, self.dtype, name="net")
 
   def loss(self, h_NxD, mean_Nxl, log_std_Nxl):
     """Velocity MSE per position: (loss_N, {'flow_loss': loss_N})."""

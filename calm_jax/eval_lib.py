@@ -66,6 +66,20 @@ def _targets_and_valid(tokens_BxL, mask_BxL, start, count, stride):
   return y_BxPxN, valid_BxPxN
 
 
+def sampled_chunk_terms(s1_BxPxK, s2_BxPxK, tokens_BxL, mask_BxL):
+  """K >= 4: Brier-1..4 (sums_N, counts_N) from two sampled chunks per position.
+
+  Position t of the block holds the samples of chunk t+1 (given true chunks 0..t); its
+  n-token target is the first n tokens of the true chunk t+1. The reference's eval_brier
+  (patch_size >= 4 branch) computes the same from the decoder's argmax samples.
+  """
+  k = s1_BxPxK.shape[-1]
+  if k < N:
+    raise ValueError(f"sampled_chunk_terms needs K >= {N} tokens per chunk, got K={k}.")
+  y_BxPxN, valid_BxPxN = _targets_and_valid(tokens_BxL, mask_BxL, k, s1_BxPxK.shape[1], k)
+  return brier.brier_terms(s1_BxPxK[..., :N], s2_BxPxK[..., :N], y_BxPxN, valid_BxPxN)
+
+
 def calm_terms(model, params, batch, rng, position_batch):
   """CALM Brier-1..4 (sums_N, counts_N) and the summed head loss: (sums_N, counts_N, loss_sum, loss_count)."""
   variables = {"params": params}
@@ -87,10 +101,9 @@ def calm_terms(model, params, batch, rng, position_batch):
   cache = model.apply(variables, b, positions + m, method="init_cache")
   h_BxPxD, cache = model.apply(variables, chunks_BxTxK[:, :positions], cache, method="extend")
   s1_BxPxK, s2_BxPxK = _sample_chunks(model, variables, h_BxPxD, rng_sample)
-  y_BxPxN, valid_BxPxN = _targets_and_valid(tokens_BxL, mask_BxL, k, positions, k)
   if k >= N:
-    return (*brier.brier_terms(s1_BxPxK[..., :N], s2_BxPxK[..., :N], y_BxPxN, valid_BxPxN),
-            loss_sum, loss_count)
+    return (*sampled_chunk_terms(s1_BxPxK, s2_BxPxK, tokens_BxL, mask_BxL), loss_sum, loss_count)
+  y_BxPxN, valid_BxPxN = _targets_and_valid(tokens_BxL, mask_BxL, k, positions, k)
 
   # Accuracy: the teacher-forced samples of chunks t+1 .. t+m laid end to end.
   flat1_BxPK = s1_BxPxK.reshape(b, positions * k)

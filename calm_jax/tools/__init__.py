@@ -1,0 +1,1 @@
+"""Command-line tools that are not entry points of the pipeline (reference checks)."""

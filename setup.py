@@ -25,8 +25,15 @@ setuptools.setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6.5",
         "matplotlib>=3.9",
+        "tokenizers>=0.19",                # Hugging Face tokenizer.json (the reference's Llama-3)
+        "ml-dtypes>=0.5",                  # bfloat16 safetensors (also a jax dependency)
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # safetensors: the official reader cross-checks calm_jax's own in the tests.
+        "test": ["pytest>=8", "safetensors>=0.4"],
+        # pytorch_model.bin checkpoints (calm-convert reads safetensors without torch).
+        "convert": ["torch>=2.4"],
+    },
     entry_points={
         "console_scripts": [
             "calm-tokenizer=calm_jax.data.train_tokenizer:run",
@@ -35,6 +42,7 @@ setuptools.setup(
             "calm-eval=calm_jax.evaluate:run",
             "calm-generate=calm_jax.sampling:run",
             "calm-quickstart=calm_jax.quickstart:run",
+            "calm-convert=calm_jax.convert.cli:run",
         ]
     },
 )

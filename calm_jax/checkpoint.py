@@ -2,13 +2,17 @@
 
 A checkpoint step directory holds three items: `params`, `train_state` (step,
 optimizer state, skip counters) and
-`data_iter` (the grain iterator state, one file per process). Orbax writes into a
+`data_iter` (the grain iterator state, one file per process). A converted reference
+checkpoint (calm-convert) holds `params` only and its workdir has CONVERTED_FILE: it
+starts other runs (config.init_from, config.autoencoder.workdir) and is evaluated, never
+resumed. Orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-write never
 leaves a checkpoint that `latest_step` would pick (the temporary directories
 are removed when the next run starts); a checkpoint that fails to restore is
 reported by name, moved to WORKDIR/checkpoints.broken/, and the previous one is used.
 """
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -16,11 +20,13 @@ import time
 import grain
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from calm_jax import user_errors
 
 ITEMS = ("params", "train_state", "data_iter")
+CONVERTED_FILE = "converted.json"     # provenance of a converted (params-only) workdir
 
 
 class CheckpointError(user_errors.UserError):
@@ -29,6 +35,34 @@ class CheckpointError(user_errors.UserError):
 
 def checkpoint_dir(workdir):
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def is_converted(workdir):
+  return os.path.exists(os.path.join(workdir, CONVERTED_FILE))
+
+
+def _flat_items(tree, prefix=""):
+  if isinstance(tree, dict):
+    for key in sorted(tree):
+      yield from _flat_items(tree[key], f"{prefix}/{key}" if prefix else str(key))
+  else:
+    yield prefix, tree
+
+
+def params_digest(params):
+  """sha256 over every param's path, dtype, shape and bytes (numpy or jax arrays, any sharding).
+
+  Names a set of weights independently of how they were saved: a converted autoencoder
+  and its copy restored from orbax have the same digest.
+  """
+  h = hashlib.sha256()
+  for path, leaf in _flat_items(params):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
+    array = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    h.update(f"{path}|{array.dtype.str}|{list(array.shape)}\n".encode())
+    h.update(array.tobytes())
+  return h.hexdigest()
 
 
 def abstract_like(tree, shardings):
@@ -98,6 +132,17 @@ class Checkpointer:
   def restore_params(self, step, abstract_params):
     """Params only (no optimizer state): for evaluation and for linking stages."""
     return self._restore(step, params=ocp.args.StandardRestore(abstract_params)).params
+
+  def save_params(self, step, params):
+    """A params-only checkpoint (calm-convert); returns when it is written."""
+    self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                      force=True)
+    self.manager.wait_until_finished()
+
+  def param_shapes(self, step):
+    """{'a/b/kernel': shape} of the params saved at `step`, from the metadata (no data read)."""
+    metadata = self.manager.item_metadata(step)["params"]
+    return {path: tuple(m.shape) for path, m in _flat_items(dict(metadata))}
 
   def restore_latest_good(self, restore_fn, steps=None):
     """Calls restore_fn(step) on the newest checkpoint that restores; logs the broken ones.

@@ -39,9 +39,12 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from benchmarks import bench_lib  # pylint: disable=g-import-not-at-top
 from calm_jax import generation  # pylint: disable=g-import-not-at-top
 from calm_jax import sharding  # pylint: disable=g-import-not-at-top
+from calm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT_LEN = 16
+# The benchmark models use calm-tokenizer's SentencePiece ids.
+SPECIAL = generation.SpecialIds(eos=tokenizer_lib.EOS_ID, pad=tokenizer_lib.PAD_ID)
 # (label, temperature, CALM sampling method); AR uses the same temperatures.
 GEN_SETTINGS = (("T=1", 1.0, "batch_approx"), ("T=1/2", 0.5, "batch_approx"))
 RATIO_K = 4
@@ -144,18 +147,19 @@ def measure_generation(name, bench, args):
     row = {}
     for label, temperature, method in GEN_SETTINGS:
       if name == "ar":
-        prompt = np.tile(generation.ar_prompt(ids)[None], (batch, 1))
+        prompt = np.tile(generation.ar_prompt(ids, SPECIAL.eos)[None], (batch, 1))
         jitted = generation.make_ar_generate(model, max_tokens=args.gen_tokens,
-                                             temperature=temperature, top_k=0)
+                                             temperature=temperature, top_k=0,
+                                             ids=SPECIAL)
       else:
-        prompt = np.tile(generation.calm_prompt(ids, k).reshape(1, -1, k), (batch, 1, 1))
+        prompt = np.tile(generation.calm_prompt(ids, k, SPECIAL.eos).reshape(1, -1, k), (batch, 1, 1))
         spec = generation.frozen_sampling(config.sampling, temperature=temperature,
                                           max_tokens=args.gen_tokens, num_samples=batch,
                                           method=method)
         if args.batch_approx_samples:
           spec = spec._replace(batch_approx_samples=args.batch_approx_samples)
         jitted = generation.make_calm_generate(model, num_chunks=args.gen_tokens // k,
-                                               sampling=spec)
+                                               sampling=spec, ids=SPECIAL)
       full_steps = args.gen_tokens // (1 if name == "ar" else k)
       seconds, times, steps, seed = _time_generation(jitted, params, prompt, args.seed,
                                                      full_steps, args.gen_repeats)

@@ -54,8 +54,36 @@ def save_config(config, workdir):
   return path
 
 
+# Fields added after runs were saved, with the value that reproduces what such a run
+# computed (stage None: every stage; a callable derives it from the saved config).
+_ADDED_FIELDS = (
+    (None, "init_from", ""),
+    (None, "data.document_eos", True),
+    (None, "data.pad_in_loss", False),
+    ("autoencoder", "model.encoder_bf16_embeddings_in_training", False),
+    ("calm", "model.layer_norm_eps", lambda c: c.model.norm_eps),   # LayerNorms used norm_eps
+    ("calm", "model.targets_bf16_embeddings_in_training", False),
+    ("calm", "autoencoder.digest", ""),
+)
+
+
+def _add_missing_fields(config):
+  for stage, name, value in _ADDED_FIELDS:
+    if stage not in (None, config.get("stage")):
+      continue
+    *parents, leaf = name.split(".")
+    node = config
+    for p in parents:
+      node = node[p] if p in node else None
+      if node is None:
+        break
+    if node is not None and leaf not in node:
+      node[leaf] = value(config) if callable(value) else value
+  return config
+
+
 def load_config(workdir):
-  """The resolved config a run saved into its workdir."""
+  """The resolved config a run saved into its workdir (fields added since filled, see above)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise ConfigError(
@@ -63,7 +91,7 @@ def load_config(workdir):
         "(calm-train writes config.json there at start).")
   with open(path) as f:
     try:
-      return _from_json_value(json.load(f))
+      return _add_missing_fields(_from_json_value(json.load(f)))
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path} is not valid JSON ({e}); restore it or use a new workdir.") from e
 

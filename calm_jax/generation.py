@@ -17,6 +17,7 @@ decoded by the frozen autoencoder (argmax of the K token logits) -> K tokens ->
 
 use_cache=False recomputes the whole prefix every step (the reference path for
 tests): same random stream, so the outputs must match the cached path.
+EOS and PAD are the run's tokenizer's ids (eos_id, pad_id arguments).
 """
 import collections
 import functools
@@ -26,15 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import temperature as temperature_lib
-from calm_jax.data import tokenizer as tokenizer_lib
-
-EOS_ID = tokenizer_lib.EOS_ID
 
 
 # A hashable copy of config.sampling (a static argument of the jitted loops).
 Sampling = collections.namedtuple(
     "Sampling", ["temperature", "max_tokens", "num_samples", "method", "max_draws",
                  "draws_per_step", "fallback_pool", "batch_approx_samples", "top_k"])
+
+# The tokenizer's ids the loops need: EOS ends a row, PAD fills it afterwards.
+SpecialIds = collections.namedtuple("SpecialIds", ["eos", "pad"])
+
+
+def special_ids(tokenizer):
+  return SpecialIds(eos=int(tokenizer.eos_id), pad=int(tokenizer.pad_id))
 
 
 def frozen_sampling(sampling_config, **overrides):
@@ -44,16 +49,16 @@ def frozen_sampling(sampling_config, **overrides):
   return Sampling(**values)
 
 
-def calm_prompt(ids, k):
+def calm_prompt(ids, k, eos_id):
   """Prompt ids -> int32[T*K]: EOS-filled on the left to a multiple of K, at least one EOS."""
   ids = [int(i) for i in ids]
   fill = 1 + (-(len(ids) + 1) % k)
-  return np.asarray([EOS_ID] * fill + ids, np.int32)
+  return np.asarray([eos_id] * fill + ids, np.int32)
 
 
-def ar_prompt(ids):
+def ar_prompt(ids, eos_id):
   """Prompt ids -> int32[1 + P]: EOS (document boundary) then the prompt."""
-  return np.asarray([EOS_ID] + [int(i) for i in ids], np.int32)
+  return np.asarray([eos_id] + [int(i) for i in ids], np.int32)
 
 
 def _calm_draw(model, variables, h_BxD):
@@ -79,17 +84,18 @@ def _sample_chunk(draw, rng, sampling):
   raise ValueError(f"config.sampling.method={sampling.method!r}: use 'exact' or 'batch_approx'.")
 
 
-def make_calm_generate(model, *, num_chunks, sampling, use_cache=True):
+def make_calm_generate(model, *, num_chunks, sampling, ids, use_cache=True):
   """The jitted CALM continuation f(params, prompt_BxTpxK, rng) -> (tokens_Bx(num_chunks*K), stats)."""
   return jax.jit(functools.partial(calm_generate, model, num_chunks=num_chunks,
-                                   sampling=sampling, use_cache=use_cache))
+                                   sampling=sampling, ids=ids, use_cache=use_cache))
 
 
-def calm_generate(model, params, prompt_BxTpxK, rng, *, num_chunks, sampling, use_cache=True):
+def calm_generate(model, params, prompt_BxTpxK, rng, *, num_chunks, sampling, ids,
+                  use_cache=True):
   """CALM continuation: (tokens_Bx(num_chunks*K), stats); jit it with `make_calm_generate`.
 
-  sampling: a hashable view of config.sampling (`frozen_sampling`). Rows that
-  have emitted EOS keep PAD from then on. stats: 'num_chunks' (loop steps run),
+  sampling: a hashable view of config.sampling (`frozen_sampling`); ids: SpecialIds.
+  Rows that have emitted EOS keep PAD from then on. stats: 'num_chunks' (loop steps run),
   'num_fallbacks' (chunks that hit max_draws), 'num_draws' (head draws in all).
   """
   variables = {"params": params}
@@ -118,9 +124,9 @@ def calm_generate(model, params, prompt_BxTpxK, rng, *, num_chunks, sampling, us
     i, buf, cache, h_BxD, done_B, fallbacks, draws = carry
     chunk_BxK, stats = _sample_chunk(_calm_draw(model, variables, h_BxD),
                                      jax.random.fold_in(rng, i), sampling)
-    chunk_BxK = jnp.where(done_B[:, None], tokenizer_lib.PAD_ID, chunk_BxK)
+    chunk_BxK = jnp.where(done_B[:, None], ids.pad, chunk_BxK)
     buf = jax.lax.dynamic_update_slice(buf, chunk_BxK[:, None], (0, tp + i, 0))
-    done_B = done_B | jnp.any(chunk_BxK == EOS_ID, axis=-1)
+    done_B = done_B | jnp.any(chunk_BxK == ids.eos, axis=-1)
     if use_cache:
       h_Bx1xD, cache = model.apply(variables, chunk_BxK[:, None], cache, method="extend")
       h_BxD = h_Bx1xD[:, 0]
@@ -144,13 +150,15 @@ def _ar_next(logits_BxV, rng, temperature, top_k):
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def make_ar_generate(model, *, max_tokens, temperature, top_k, use_cache=True):
+def make_ar_generate(model, *, max_tokens, temperature, top_k, ids, use_cache=True):
   """The jitted AR continuation f(params, prompt_BxP, rng) -> (tokens_Bxmax_tokens, stats)."""
   return jax.jit(functools.partial(ar_generate, model, max_tokens=max_tokens,
-                                   temperature=temperature, top_k=top_k, use_cache=use_cache))
+                                   temperature=temperature, top_k=top_k, ids=ids,
+                                   use_cache=use_cache))
 
 
-def ar_generate(model, params, prompt_BxP, rng, *, max_tokens, temperature, top_k, use_cache=True):
+def ar_generate(model, params, prompt_BxP, rng, *, max_tokens, temperature, top_k, ids,
+                use_cache=True):
   """AR baseline continuation: (tokens_Bxmax_tokens, stats {'num_steps'}); PAD after a row's EOS."""
   variables = {"params": params}
   b, p = prompt_BxP.shape
@@ -175,9 +183,9 @@ def ar_generate(model, params, prompt_BxP, rng, *, max_tokens, temperature, top_
   def body(carry):
     i, buf, cache, logits_BxV, done_B = carry
     token_B = _ar_next(logits_BxV, jax.random.fold_in(rng, i), temperature, top_k)
-    token_B = jnp.where(done_B, tokenizer_lib.PAD_ID, token_B)
+    token_B = jnp.where(done_B, ids.pad, token_B)
     buf = jax.lax.dynamic_update_slice(buf, token_B[:, None], (0, p + i))
-    done_B = done_B | (token_B == EOS_ID)
+    done_B = done_B | (token_B == ids.eos)
     if use_cache:
       logits_Bx1xV, cache = model.apply(variables, token_B[:, None], cache, method="extend")
       logits_BxV = logits_Bx1xV[:, 0]
@@ -190,12 +198,12 @@ def ar_generate(model, params, prompt_BxP, rng, *, max_tokens, temperature, top_
   return buf_BxT[:, p:], {"num_steps": steps}
 
 
-def until_eos(tokens):
-  """A row of generated ids cut before its first EOS (PAD dropped)."""
+def until_eos(tokens, ids):
+  """A row of generated ids cut before its first EOS (PAD dropped); ids: SpecialIds."""
   out = []
   for t in np.asarray(tokens).tolist():
-    if t == EOS_ID:
+    if t == ids.eos:
       break
-    if t != tokenizer_lib.PAD_ID:
+    if t != ids.pad:
       out.append(t)
   return out

@@ -76,7 +76,7 @@ def load_run(workdir, step=None, devices=None):
     raise checkpoint.CheckpointError(f"{workdir} has no checkpoint at step {step} (it has {steps}).")
   mesh = sharding.make_mesh(config.mesh, devices)
   axis_rules = sharding.rules(config)
-  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  tokenizer = tokenizer_lib.load(config.data.tokenizer)
   with sharding.activate(mesh, axis_rules):
     parts = train.build(config, mesh, axis_rules)
     param_shardings = parts["state_shardings"].params

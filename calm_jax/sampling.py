@@ -47,31 +47,33 @@ def generate(run, prompt, sampling, seed=0):
     raise user_errors.UserError(
         f"{run.workdir} is a {run.config.stage!r} run; calm-generate needs a 'calm' or 'ar' run.")
   ids = run.tokenizer.encode(prompt)
+  special = generation.special_ids(run.tokenizer)
   rng = jax.random.key(seed)
   if run.config.stage == "calm":
     k = run.config.model.patch_size
     if not 0.0 < sampling.temperature <= 1.0:
       raise user_errors.UserError(f"--temperature={sampling.temperature}: CALM samples without "
                                   "likelihoods and supports T in (0, 1].")
-    prompt_L = generation.calm_prompt(ids, k)
+    prompt_L = generation.calm_prompt(ids, k, special.eos)
     prompt_BxTxK = np.tile(prompt_L.reshape(1, -1, k), (sampling.num_samples, 1, 1))
     num_chunks = -(-sampling.max_tokens // k)
-    jitted = generation.make_calm_generate(run.model, num_chunks=num_chunks, sampling=sampling)
+    jitted = generation.make_calm_generate(run.model, num_chunks=num_chunks, sampling=sampling,
+                                           ids=special)
     fn = lambda: jitted(run.params, prompt_BxTxK, rng)
   else:
     if sampling.temperature <= 0.0:
       raise user_errors.UserError(f"--temperature={sampling.temperature} must be > 0.")
-    prompt_BxP = np.tile(generation.ar_prompt(ids)[None], (sampling.num_samples, 1))
+    prompt_BxP = np.tile(generation.ar_prompt(ids, special.eos)[None], (sampling.num_samples, 1))
     jitted = generation.make_ar_generate(
         run.model, max_tokens=sampling.max_tokens, temperature=float(sampling.temperature),
-        top_k=int(sampling.top_k))
+        top_k=int(sampling.top_k), ids=special)
     fn = lambda: jitted(run.params, prompt_BxP, rng)
   jax.block_until_ready(fn())          # compile (and warm up) outside the timing
   start = time.perf_counter()
   tokens, stats = jax.block_until_ready(fn())
   seconds = time.perf_counter() - start
   tokens, stats = jax.device_get((tokens, stats))
-  rows = [generation.until_eos(row[:sampling.max_tokens]) for row in tokens]
+  rows = [generation.until_eos(row[:sampling.max_tokens], special) for row in tokens]
   produced = sum(len(r) for r in rows)
   return {"texts": [run.tokenizer.decode(r) for r in rows], "tokens": rows,
           "seconds": seconds, "tokens_per_s": produced / max(seconds, 1e-9),

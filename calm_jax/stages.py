@@ -1,5 +1,4 @@
 """What links the stages: the tokenizer a run uses and the frozen autoencoder of a CALM run."""
-import hashlib
 import logging
 import os
 
@@ -9,11 +8,6 @@ from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
 
 WORKDIR_TOKENIZER = "tokenizer.model"
-
-
-def _file_digest(path):
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 def autoencoder_config(config):
@@ -48,7 +42,10 @@ def autoencoder_step(config):
 
 
 def resolve_tokenizer(config, workdir, is_primary, wait_for_primary):
-  """Sets config.data.tokenizer to a concrete .model path and returns the loaded tokenizer.
+  """Sets config.data.tokenizer to a concrete path and returns the loaded tokenizer.
+
+  The path is a SentencePiece .model, or a Hugging Face tokenizer.json or directory
+  holding one (tokenizer.load).
 
   Empty means: for a CALM run, the autoencoder's tokenizer; otherwise one trained
   from config.data.train into WORKDIR/tokenizer.model (reused when it exists).
@@ -59,7 +56,7 @@ def resolve_tokenizer(config, workdir, is_primary, wait_for_primary):
     if not path:
       path = ae_tokenizer
     elif os.path.exists(path) and os.path.exists(ae_tokenizer) and (
-        _file_digest(path) != _file_digest(ae_tokenizer)):
+        tokenizer_lib.digest(path) != tokenizer_lib.digest(ae_tokenizer)):
       raise config_lib.ConfigError(
           f"config.data.tokenizer={path!r} differs from the autoencoder's tokenizer "
           f"{ae_tokenizer!r}; leave config.data.tokenizer empty to use the autoencoder's.")
@@ -73,7 +70,7 @@ def resolve_tokenizer(config, workdir, is_primary, wait_for_primary):
           vocab_size=config.data.vocab_size, output_path=path,
           model_type=config.data.tokenizer_type, max_chars=config.data.tokenizer_max_chars)
     wait_for_primary("tokenizer")
-  tok = tokenizer_lib.Tokenizer.load(path)
+  tok = tokenizer_lib.load(path)
   if tok.vocab_size != config.model.vocab_size:
     raise config_lib.ConfigError(
         f"The tokenizer {path} has {tok.vocab_size} pieces but config.model.vocab_size="

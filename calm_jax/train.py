@@ -5,7 +5,9 @@ r"""calm-train: one trainer for the three stages (autoencoder, calm, ar).
 
 An existing workdir resumes from its latest complete checkpoint (params,
 optimizer state and data iterator), bit-identically to an uninterrupted run; a
-checkpoint that fails to restore is named and the previous one used. SIGTERM
+checkpoint that fails to restore is named and the previous one used. A new run
+with config.init_from=WORKDIR[:STEP] starts from that run's params (any calm-train
+run of the same stage, or a calm-convert workdir) with a fresh optimizer: fine-tuning. SIGTERM
 saves a checkpoint after the current step and exits 0. Non-finite updates are
 skipped; config.train.nan_policy='halt' then stops. Bad input exits with one
 `error:` line (after saving the steps done). Multi-host: calm_jax/distributed.py
@@ -165,14 +167,74 @@ def init_state(parts, seed):
 
 
 def restore_frozen(config, parts):
-  """The stage-1 autoencoder's params, restored into this mesh's shardings."""
+  """The stage-1 autoencoder's params, restored into this mesh's shardings.
+
+  With config.autoencoder.digest set, the restored params must have that digest.
+  """
   if not parts["abstract_frozen"]:
     return {}
   ckpt, step = stages.autoencoder_step(config)
   abstract = checkpoint.abstract_like(parts["abstract_frozen"]["autoencoder"],
                                       parts["frozen_shardings"]["autoencoder"])
   logging.info("Restoring the frozen autoencoder from %s step %d", ckpt.directory, step)
-  return {"autoencoder": ckpt.restore_params(step, abstract)}
+  params = ckpt.restore_params(step, abstract)
+  ckpt.close()
+  if config.autoencoder.digest:
+    digest = checkpoint.params_digest(params)
+    if digest != config.autoencoder.digest:
+      raise config_lib.ConfigError(
+          f"The autoencoder in {config.autoencoder.workdir} step {step} has params digest "
+          f"{digest[:16]}..., but config.autoencoder.digest={config.autoencoder.digest[:16]}... "
+          "names another one: this CALM run was made with a different autoencoder. Point "
+          "config.autoencoder.workdir/step at that one (or clear the digest to accept this).")
+  return {"autoencoder": params}
+
+
+def parse_init_from(value):
+  """'WORKDIR[:STEP]' -> (workdir, step or None)."""
+  workdir, sep, step = value.rpartition(":")
+  if sep and step.isdigit():
+    return workdir, int(step)
+  return value, None
+
+
+def init_from_params(config, parts):
+  """The trainable params of config.init_from (WORKDIR[:STEP]) in this run's shardings."""
+  workdir, step = parse_init_from(config.init_from)
+  field = f"config.init_from={config.init_from!r}"
+  source = config_lib.load_config(workdir)
+  if source.stage != config.stage:
+    raise config_lib.ConfigError(f"{field} is a {source.stage!r} run; this run is "
+                                 f"{config.stage!r}: start from a run of the same stage.")
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise checkpoint.CheckpointError(f"{field}: {workdir} has checkpoints {steps}; "
+                                       f"step {step} is not among them.")
+    step = steps[-1] if step is None else step
+    want = {"/".join(p): tuple(s.shape) for p, s in
+            _flat_paths(parts["abstract_state"].params)}
+    have = ckpt.param_shapes(step)
+    if want != have:
+      diff = sorted(set(want.items()) ^ set(have.items()))
+      raise config_lib.ConfigError(
+          f"{field}: its params do not fit this model (first differences, path and shape: "
+          f"{diff[:4]}); use the same config.model as {workdir}/config.json.")
+    abstract = checkpoint.abstract_like(parts["abstract_state"].params,
+                                        parts["state_shardings"].params)
+    logging.info("Initialising from %s step %d (%s)", workdir, step, field)
+    return ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
+
+
+def _flat_paths(tree, prefix=()):
+  for key in sorted(tree):
+    if isinstance(tree[key], dict):
+      yield from _flat_paths(tree[key], prefix + (key,))
+    else:
+      yield prefix + (key,), tree[key]
 
 
 def evaluate(eval_step, params, frozen, config, tokenizer, batch_sharding, num_batches):
@@ -200,6 +262,11 @@ def train_and_evaluate(config, workdir, devices=None):
   # -- Config ---------------------------------------------------------------
   config_lib.validate(config)
   is_primary = jax.process_index() == 0
+  if checkpoint.is_converted(workdir):
+    raise checkpoint.CheckpointError(
+        f"{workdir} is a converted checkpoint (calm-convert: params only, no optimizer state or "
+        f"data position) and is not resumed; fine-tune it in a new --workdir with "
+        f"--config.init_from={workdir}.")
   os.makedirs(workdir, exist_ok=True)
   _check_workdir_config(config, workdir)
 
@@ -277,6 +344,8 @@ def train_and_evaluate(config, workdir, devices=None):
       logging.info("Resumed from %s step %d", ckpt.directory, step)
     if state is None:
       state = init_state(parts, config.train.seed)
+      if config.init_from:
+        state = state.replace(params=init_from_params(config, parts))
     if jax.process_count() > 1:
       rng0 = jax.random.key(config.train.seed)
       train_step = _compile_then_meet(

@@ -4,11 +4,15 @@ r"""The AR baseline: a token-level Llama-style Transformer with the CALM backbon
     --config.data.train='jsonl:../shared/data/corpus/train-*.jsonl' \
     --config.data.eval=jsonl:../shared/data/corpus/valid.jsonl
 
-Variants: size=tiny|S|M|L (the paper's Transformer-S/M/L baselines), mesh=<common.MESHES>.
+Variants: size=tiny|S|M|L (the paper's Transformer-S/M/L baselines), mesh=<common.MESHES>,
+recipe=default|paper.
   tiny: 2 CPU cores, minutes; the loss falls below 6 nats within 500 steps.
   S/M/L: accelerators; seq_len 2048, global batch 256.
+  recipe=paper (size=S|M|L): the reference's train/train_ar.sh exactly (experiments/paper.py cites
+  its lines: 1024 x 2048 tokens, 250k steps, lr 3e-4 constant, bf16; the script is size S).
 """
 from experiments import common
+from experiments import paper
 
 SIZES = {
     "tiny": dict(vocab_size=2048, seq_len=256, batch_size=16, steps=1000, lr=1e-3),
@@ -19,9 +23,12 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", mesh="local")
+  arg = common.parse_arg(arg, size="tiny", mesh="local", recipe="default")
   s = SIZES[arg.size]
   config = common.run_config("ar", arg.mesh, s)
   config.eval.block_len = s["seq_len"]     # the paper evaluates the AR baseline on 2048-token blocks
   config.model = common.backbone_config(arg.size, s["vocab_size"], patch_size=1)
-  return config
+  if arg.recipe == "paper" and arg.size not in ("S", "M", "L"):
+    raise ValueError(f"ar_baseline.py: recipe=paper is train_ar.sh: use size=S|M|L "
+                     f"(got size={arg.size}).")
+  return paper.apply(arg.recipe, paper.ar, config)

@@ -5,14 +5,18 @@ r"""Stage 2: CALM, a Transformer that predicts the next chunk's latent vector.
     --config.data.train='jsonl:../shared/data/corpus/train-*.jsonl' \
     --config.data.eval=jsonl:../shared/data/corpus/valid.jsonl
 
-Variants: size=tiny|M|L|XL, head=energy|flow|diffusion, K=<chunk size>, mesh=<common.MESHES>.
+Variants: size=tiny|M|L|XL, head=energy|flow|diffusion, K=<chunk size>, mesh=<common.MESHES>,
+recipe=default|paper.
   tiny: 2 CPU cores, minutes; needs a finished tiny autoencoder run (W1).
   M/L/XL: the paper's CALM-M/L/XL (M: 1024 hidden, MLP 2752, 16 layers, 4 head
   blocks), for accelerators. K must equal the autoencoder's K.
+  recipe=paper (size=M|L|XL): the reference's train/train_energy.sh exactly (experiments/paper.py
+  cites its lines: 256 x 8192 tokens, 250k steps, lr 3e-4 constant, bf16, energy head).
 """
 import ml_collections
 
 from experiments import common
+from experiments import paper
 
 SIZES = {
     "tiny": dict(vocab_size=2048, latent_dim=32, seq_len=256, batch_size=16, steps=1000, lr=1e-3),
@@ -23,7 +27,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", head="energy", K=4, mesh="local")
+  arg = common.parse_arg(arg, size="tiny", head="energy", K=4, mesh="local", recipe="default")
   s = SIZES[arg.size]
   config = common.run_config("calm", arg.mesh, s)
   config.eval.block_len = 4 * s["seq_len"] if arg.size != "tiny" else s["seq_len"]
@@ -31,6 +35,8 @@ def get_config(arg=None):
   config.autoencoder = ml_collections.ConfigDict(dict(
       workdir="",                           # a finished stage-1 run (required)
       step=-1,                              # -1: its latest checkpoint
+      digest="",                            # sha256 of its params (checkpoint.params_digest),
+                                            # checked when set; calm-convert sets it
   ))
 
   model = common.backbone_config(arg.size, s["vocab_size"], patch_size=arg.K)
@@ -45,5 +51,12 @@ def get_config(arg=None):
   model.diffusion_train_steps = 1000        # diffusion head: noise schedule length
   model.diffusion_sample_steps = 100        # diffusion head: DDIM-style steps at sampling
   model.head_batch_mul = 4                  # flow/diffusion: noise draws per position in training
+  model.layer_norm_eps = 1e-6               # the LayerNorms of compress and heads (reference: 1e-6)
+  # Training targets from bfloat16-rounded embeddings, as the reference's frozen encoder
+  # computes them in training mode (recipe=paper does the same).
+  model.targets_bf16_embeddings_in_training = False
   config.model = model
-  return config
+  if arg.recipe == "paper" and (arg.size not in ("M", "L", "XL") or arg.head != "energy"):
+    raise ValueError(f"calm.py: recipe=paper is train_energy.sh: use size=M|L|XL with the energy "
+                     f"head (got size={arg.size}, head={arg.head}).")
+  return paper.apply(arg.recipe, paper.calm, config)

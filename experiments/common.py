@@ -81,11 +81,16 @@ def data_config():
   return ml_collections.ConfigDict(dict(
       train="builtin:python_docs",      # data SPEC (see README); ',' mixes several
       eval="builtin:python_docs:valid",
-      tokenizer="",                     # .model path; '' trains one into the workdir
+      tokenizer="",                     # .model, tokenizer.json or a dir with one; '' trains
+                                        # a SentencePiece model into the workdir
       tokenizer_type="bpe",             # 'bpe' | 'unigram'
       vocab_size=4096,
       seq_len=256,                      # tokens per example; a multiple of model.patch_size
       packing="concat",                 # 'concat' | 'chunk_aligned'
+      document_eos=True,                # append EOS to every document (the reference's CALM
+                                        # and AR scripts do not: recipe=paper sets False)
+      pad_in_loss=False,                # chunk_aligned padding carries loss (mask 1), as in the
+                                        # reference autoencoder's group_texts (recipe=paper)
       skip_bad_records=False,           # skip malformed JSONL lines with a warning
       worker_count=0,                   # grain worker processes (0: in-process)
       prefetch=2,                       # batches prefetched per process
@@ -170,6 +175,8 @@ def sampling_config():
 def base_config(stage):
   config = ml_collections.ConfigDict()
   config.stage = stage                  # 'autoencoder' | 'calm' | 'ar'
+  config.init_from = ""                 # WORKDIR[:STEP]: start from that run's (or a converted
+                                        # checkpoint's) params; fresh optimizer state
   config.data = data_config()
   config.train = train_config()
   config.optim = optim_config()

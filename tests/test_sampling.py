@@ -13,6 +13,7 @@ from calm_jax.models import build_model
 from experiments import common
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+SP = generation.SpecialIds(eos=tokenizer_lib.EOS_ID, pad=tokenizer_lib.PAD_ID)
 VOCAB = 16
 
 
@@ -59,11 +60,11 @@ def _sampling(**overrides):
                                                 (0.5, "batch_approx")])
 def test_calm_generation_with_cache_equals_full_recompute(tiny_calm, temperature, method):
   model, params, _ = tiny_calm
-  prompt = generation.calm_prompt([5, 6, 7], 2)
+  prompt = generation.calm_prompt([5, 6, 7], 2, SP.eos)
   prompt_BxTxK = np.tile(prompt.reshape(1, -1, 2), (3, 1, 1))
   sampling = _sampling(temperature=temperature, method=method, max_draws=64, draws_per_step=8,
                        fallback_pool=32, batch_approx_samples=16)
-  outs = [generation.make_calm_generate(model, num_chunks=5, sampling=sampling, use_cache=c)(
+  outs = [generation.make_calm_generate(model, num_chunks=5, sampling=sampling, ids=SP, use_cache=c)(
       params, prompt_BxTxK, jax.random.key(3)) for c in (True, False)]
   (cached, stats), (full, _) = jax.device_get(outs)
   assert cached.shape == (3, 10)
@@ -74,7 +75,7 @@ def test_calm_generation_with_cache_equals_full_recompute(tiny_calm, temperature
 def test_calm_prompt_is_eos_filled_to_a_multiple_of_k():
   for k in (1, 2, 4):
     for n in range(6):
-      prompt = generation.calm_prompt(list(range(10, 10 + n)), k)
+      prompt = generation.calm_prompt(list(range(10, 10 + n)), k, SP.eos)
       assert len(prompt) % k == 0 and prompt[0] == tokenizer_lib.EOS_ID
       assert tokenizer_lib.PAD_ID not in prompt.tolist()
       fill = len(prompt) - n
@@ -86,8 +87,8 @@ def test_ar_generation_with_cache_equals_full_recompute_and_top1_is_greedy():
   config = _tiny("ar_baseline.py", 1)
   model = build_model(config)
   params = _init(model, 8, 0.5)
-  prompt_BxP = np.tile(generation.ar_prompt([4, 5])[None], (2, 1))
-  run = lambda **kw: jax.device_get(generation.make_ar_generate(model, max_tokens=6, **kw)(
+  prompt_BxP = np.tile(generation.ar_prompt([4, 5], SP.eos)[None], (2, 1))
+  run = lambda **kw: jax.device_get(generation.make_ar_generate(model, max_tokens=6, ids=SP, **kw)(
       params, prompt_BxP, jax.random.key(0))[0])
   cached = run(temperature=0.7, top_k=0)
   np.testing.assert_array_equal(cached, run(temperature=0.7, top_k=0, use_cache=False))
@@ -98,6 +99,6 @@ def test_ar_generation_with_cache_equals_full_recompute_and_top1_is_greedy():
       break
     logits = model.apply({"params": params}, seq, method="logits")
     seq = np.concatenate([seq, np.argmax(logits[:, -1:], -1)], axis=1)
-  got = generation.until_eos(greedy[0])
-  want = generation.until_eos(seq[0, prompt_BxP.shape[1]:])
+  got = generation.until_eos(greedy[0], SP)
+  want = generation.until_eos(seq[0, prompt_BxP.shape[1]:], SP)
   assert got == want

@@ -10,6 +10,10 @@ Packing (both keep every token exactly once, in order):
   'chunk_aligned'  each document + EOS is padded with PAD to a multiple of K
                    (chunk_size) before concatenating, so no K-token chunk crosses
                    a document; pad positions have mask 0.
+The EOS after each document is config.data.document_eos (the reference's CALM and AR
+scripts leave it out: their Llama-3 tokenizer's BOS is the only boundary), and
+config.data.pad_in_loss gives the chunk padding mask 1 (the reference autoencoder
+reconstructs its padding too). PAD and EOS are the tokenizer's ids.
 Training repeats the source forever, so no tail is ever dropped. An eval pass is
 finite: its last block is padded with mask-0 positions and its last batch with
 mask-0 rows. Packing is grain.experimental.ConcatThenSplitIterDataset, so the
@@ -24,7 +28,6 @@ import grain
 import numpy as np
 
 from calm_jax.data import sources
-from calm_jax.data import tokenizer as tokenizer_lib
 
 PACKINGS = ("concat", "chunk_aligned")
 # Documents read ahead (and tokenized) by grain's reader threads.
@@ -37,22 +40,25 @@ def _is_nonempty(document):
 
 
 class _ToExample(grain.transforms.Map):
-  """A document (text or token ids) -> {'tokens', 'mask'}: ids + EOS (+ PAD to a multiple of K)."""
+  """A document (text or token ids) -> {'tokens', 'mask'}: ids (+ EOS) (+ PAD to a multiple of K)."""
 
-  def __init__(self, tokenizer, chunk_size):
+  def __init__(self, tokenizer, chunk_size, document_eos=True, pad_in_loss=False):
     self._tokenizer = tokenizer
     self._chunk_size = chunk_size
+    self._document_eos = document_eos
+    self._pad_in_loss = pad_in_loss
 
   def map(self, document):
     if isinstance(document, str):
       document = self._tokenizer.encode(document)
-    n = len(document) + 1
+    n = len(document) + int(self._document_eos)
     length = -(-n // self._chunk_size) * self._chunk_size
-    tokens_L = np.full(length, tokenizer_lib.PAD_ID, np.int32)
-    tokens_L[:n - 1] = document
-    tokens_L[n - 1] = tokenizer_lib.EOS_ID
+    tokens_L = np.full(length, self._tokenizer.pad_id, np.int32)
+    tokens_L[:len(document)] = document
+    if self._document_eos:
+      tokens_L[n - 1] = self._tokenizer.eos_id
     mask_L = np.zeros(length, np.int32)
-    mask_L[:n] = 1
+    mask_L[:length if self._pad_in_loss else n] = 1
     return {"tokens": tokens_L, "mask": mask_L}
 
 
@@ -77,7 +83,8 @@ class _PadRows(grain.transforms.Map):
 
 
 def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
-                 chunk_size=1, shuffle=False, seed=0, repeat=False,
+                 chunk_size=1, document_eos=True, pad_in_loss=False, shuffle=False, seed=0,
+                 repeat=False,
                  process_index=0, process_count=1, skip_bad_records=False,
                  worker_count=0, prefetch=0):
   """A grain IterDataset of per-process batches {'tokens', 'mask'}: int32[batch_size, seq_len].
@@ -89,6 +96,8 @@ def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
     batch_size: rows per batch on this process.
     packing: 'concat' or 'chunk_aligned' (see the module docstring).
     chunk_size: K, the chunk length that 'chunk_aligned' keeps within a document.
+    document_eos: append the tokenizer's EOS to every document.
+    pad_in_loss: 'chunk_aligned' padding gets mask 1 (trained on) instead of 0.
     shuffle: shuffle documents with `seed` (a new order every epoch).
     seed: shuffle seed.
     repeat: repeat forever (training); else one pass with padded tail (eval).
@@ -115,7 +124,8 @@ def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
     ds = ds.repeat()  # reseeds the shuffle every epoch
   ds = ds[process_index::process_count]
   ds = ds.filter(_is_nonempty)
-  ds = ds.map(_ToExample(tokenizer, chunk_size if packing == "chunk_aligned" else 1))
+  ds = ds.map(_ToExample(tokenizer, chunk_size if packing == "chunk_aligned" else 1,
+                         document_eos, pad_in_loss))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
                                             prefetch_buffer_size=_READ_BUFFER))
   ds = grain.experimental.ConcatThenSplitIterDataset(
@@ -159,6 +169,7 @@ def make_iterator(config, tokenizer, split="train", process_index=None, process_
   ds = make_dataset(
       spec, tokenizer, seq_len=seq_len, batch_size=global_batch // process_count,
       packing=config.data.packing, chunk_size=config.model.patch_size,
+      document_eos=config.data.document_eos, pad_in_loss=config.data.pad_in_loss,
       shuffle=training, seed=config.train.seed, repeat=training,
       process_index=process_index, process_count=process_count,
       skip_bad_records=config.data.skip_bad_records,

@@ -1,9 +1,15 @@
-"""SentencePiece tokenizer: training, loading, and the fixed special token ids.
+"""Tokenizers: SentencePiece (trained here, fixed special ids) and Hugging Face tokenizer.json.
 
-The special ids below are the single source of truth for the whole project:
-every tokenizer we train uses them, and `Tokenizer.load` refuses a model that
-does not (a model trained elsewhere would silently shift pad/eos).
+`load(path)` is the one entry point: a .model file is SentencePiece, a tokenizer.json
+(or a directory holding one) goes through hf_tokenizer.py with the special ids its
+own config files name (the reference's Llama-3 tokenizer: BOS 128000, EOS 128001).
+Everything downstream reads tokenizer.pad_id / eos_id / bos_id, never fixed numbers.
+
+The SentencePiece ids below hold for every tokenizer calm-tokenizer trains, and
+`Tokenizer.load` refuses a .model that does not use them (a model trained elsewhere
+would silently shift pad/eos).
 """
+import hashlib
 import io
 import logging
 import os
@@ -11,6 +17,7 @@ import os
 import sentencepiece as spm
 
 from calm_jax import user_errors
+from calm_jax.data import hf_tokenizer
 
 PAD_ID = 0  # padding; carries mask 0 in batches
 UNK_ID = 1  # never produced for text thanks to byte fallback
@@ -178,3 +185,18 @@ class Tokenizer:
 
   def id_to_piece(self, token_id):
     return self._sp.IdToPiece(int(token_id))
+
+
+def load(path):
+  """The tokenizer at `path`: a SentencePiece .model, or a tokenizer.json / a directory with one."""
+  if hf_tokenizer.is_hf_tokenizer(path):
+    return hf_tokenizer.HFTokenizer.load(path)
+  return Tokenizer.load(path)
+
+
+def digest(path):
+  """sha256 of what decides a tokenizer's ids (the .model file, or tokenizer.json + side files)."""
+  if hf_tokenizer.is_hf_tokenizer(path):
+    return hf_tokenizer.digest(path)
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()

@@ -141,8 +141,10 @@ class Checkpointer:
 
   def param_shapes(self, step):
     """{'a/b/kernel': shape} of the params saved at `step`, from the metadata (no data read)."""
-    metadata = self.manager.item_metadata(step)["params"]
-    return {path: tuple(m.shape) for path, m in _flat_items(dict(metadata))}
+    path = os.path.join(self.directory, str(step), "params")
+    metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+    shapes = jax.tree.map(lambda m: tuple(m.shape), dict(metadata))
+    return dict(_flat_items(shapes))
 
   def restore_latest_good(self, restore_fn, steps=None):
     """Calls restore_fn(step) on the newest checkpoint that restores; logs the broken ones.

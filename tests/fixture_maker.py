@@ -180,25 +180,29 @@ def make_fixture(path, batch=2, length=32, seed=0, autoencoder=None, calm=None):
 
 
 # -- Fake reference checkpoint directories ------------------------------------------------------------
-def train_tokenizer(directory, vocab_size, bos="<s>", eos="</s>", unk="<unk>", pad=None):
+def train_tokenizer(directory, vocab_size, bos="<s>", eos="</s>", unk="<unk>", pad=None,
+                    specials_last=False):
   """A small BPE tokenizer.json (+ tokenizer_config.json) trained on the built-in corpus.
 
   vocab_size counts every token; without `pad`, calm-convert must add [PAD] itself (as the
   reference's scripts do), so the tokenizer then has vocab_size - 1 tokens of its own.
-  Its post-processor puts BOS before every text, like Llama-3's.
+  Its post-processor puts BOS before every text, like Llama-3's; specials_last puts BOS
+  and EOS after the learned vocabulary, as Llama-3 does (128000, 128001).
   """
   import tokenizers  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
   from calm_jax.data import sources  # pylint: disable=g-import-not-at-top
-  specials = [unk, bos, eos] + ([pad] if pad else [])
+  late = [bos, eos] if specials_last else []
+  specials = [unk] + [s for s in (bos, eos) if s not in late] + ([pad] if pad else [])
   tok = tokenizers.Tokenizer(models.BPE(unk_token=unk))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   own = vocab_size - (0 if pad else 1)
-  trainer = trainers.BpeTrainer(vocab_size=own, special_tokens=specials, limit_alphabet=64,
-                                show_progress=False)
+  trainer = trainers.BpeTrainer(vocab_size=own - len(late), special_tokens=specials,
+                                limit_alphabet=64, show_progress=False)
   texts = [t for _, t in zip(range(300), sources.iter_texts("builtin:python_docs"))]
   tok.train_from_iterator(texts, trainer)
+  tok.add_special_tokens(late)
   tok.post_processor = processors.TemplateProcessing(
       single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
   if tok.get_vocab_size() != own:

@@ -69,7 +69,10 @@ class SafetensorsFile:
 
   def close(self):
     if self._map is not None:
-      self._map.close()
+      try:
+        self._map.close()
+      except BufferError:
+        pass          # views returned by get() are alive; the mapping is freed with them
     self._file.close()
 
 

@@ -159,6 +159,8 @@ class _Prefixed:
 
 def import_checkpoint(hf_dir, workdir, autoencoder=None, tokenizer=None):
   """Converts the reference checkpoint in hf_dir into the calm_jax workdir; returns a summary."""
+  if os.path.exists(os.path.join(workdir, config_lib.CONFIG_FILE)):
+    raise ConvertError(f"{workdir} already holds a run (config.json); use a new --output.")
   hf = hf_files.read_config(hf_dir)
   source = os.path.abspath(hf_dir)
   with hf_files.CheckpointTensors(hf_dir) as tensors:

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from calm_jax.data import sources
+from calm_jax.data import tokenizer as tokenizer_lib
 
 PACKINGS = ("concat", "chunk_aligned")
 # Documents read ahead (and tokenized) by grain's reader threads.
@@ -44,6 +45,9 @@ class _ToExample(grain.transforms.Map):
 
   def __init__(self, tokenizer, chunk_size, document_eos=True, pad_in_loss=False):
     self._tokenizer = tokenizer
+    # No tokenizer: token-id sources written with calm-tokenizer's SentencePiece ids.
+    self._pad_id = tokenizer_lib.PAD_ID if tokenizer is None else tokenizer.pad_id
+    self._eos_id = tokenizer_lib.EOS_ID if tokenizer is None else tokenizer.eos_id
     self._chunk_size = chunk_size
     self._document_eos = document_eos
     self._pad_in_loss = pad_in_loss
@@ -53,10 +57,10 @@ class _ToExample(grain.transforms.Map):
       document = self._tokenizer.encode(document)
     n = len(document) + int(self._document_eos)
     length = -(-n // self._chunk_size) * self._chunk_size
-    tokens_L = np.full(length, self._tokenizer.pad_id, np.int32)
+    tokens_L = np.full(length, self._pad_id, np.int32)
     tokens_L[:len(document)] = document
     if self._document_eos:
-      tokens_L[n - 1] = self._tokenizer.eos_id
+      tokens_L[n - 1] = self._eos_id
     mask_L = np.zeros(length, np.int32)
     mask_L[:length if self._pad_in_loss else n] = 1
     return {"tokens": tokens_L, "mask": mask_L}
@@ -91,7 +95,8 @@ def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
 
   Args:
     spec: a data SPEC string (see sources.py) or an already parsed source.
-    tokenizer: a tokenizer.Tokenizer (unused for arrayrecord token sources).
+    tokenizer: a loaded tokenizer (tokenizer.load); it encodes text and gives PAD and EOS.
+      None for token-id sources only, which then use calm-tokenizer's SentencePiece ids.
     seq_len: tokens per row; a multiple of chunk_size.
     batch_size: rows per batch on this process.
     packing: 'concat' or 'chunk_aligned' (see the module docstring).

@@ -46,6 +46,9 @@ OTHER_SIZES = {
         calm=dict(hidden_size=40, intermediate_size=72, num_hidden_layers=1,
                   num_attention_heads=5, num_key_value_heads=1, num_mlp_layers=3,
                   noise_size=16, num_samples=3, beta=1.5)),
+    # rms_norm_eps far from the LayerNorms' fixed 1e-6: model.layer_norm_eps must stay apart.
+    "rms_eps_1e-2": dict(seed=4, autoencoder=dict(rms_norm_eps=1e-2),
+                         calm=dict(rms_norm_eps=1e-2)),
 }
 
 

@@ -261,11 +261,14 @@ def format_rows(rows, tol):
 
 def run_check(npz_path, json_path=None, tol=TOLERANCE):
   """(rows, seconds): converts, runs and compares one fixture."""
+  import jax  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   arrays, meta = load_fixture(npz_path, json_path)
   source = os.path.basename(npz_path)
   parts = convert(arrays, meta, source)
-  ours = {**autoencoder_outputs(parts, arrays), **calm_outputs(parts, arrays)}
+  # Full float32 matmuls on accelerators too (GPUs default to TF32 passes); the reference ran fp32.
+  with jax.default_matmul_precision("highest"):
+    ours = {**autoencoder_outputs(parts, arrays), **calm_outputs(parts, arrays)}
   return compare(arrays, ours, tol), time.perf_counter() - start
 
 

@@ -127,8 +127,7 @@ def test_fixture_of_other_sizes_passes(other_fixtures, name):
   calm = dict(fixture_maker.CALM_DEFAULTS, **OTHER_SIZES[name]["calm"])
   assert f"out/calm/backbone_layer{calm['num_hidden_layers'] - 1}_out" in names
   assert f"out/calm/head_block{calm['num_mlp_layers'] - 1}_out" in names
-  k = calm["patch_size"] if "patch_size" not in OTHER_SIZES[name]["autoencoder"] else (
-      OTHER_SIZES[name]["autoencoder"]["patch_size"])
+  k = dict(fixture_maker.AE_DEFAULTS, **OTHER_SIZES[name]["autoencoder"])["patch_size"]
   assert ("out/calm/brier" in names) == (k >= 4)    # the K < 4 Brier needs unrecorded draws
 
 

@@ -6,6 +6,10 @@ read one concatenated stream "doc EOS doc EOS ..."), so a prompt reads as the
 start of a new document. CALM also needs a multiple of K tokens: the prompt is
 left-filled with further EOS ids to the next multiple of K (1 to K EOS in all).
 PAD is never fed as content. The AR baseline gets the single EOS only.
+Runs trained on the reference's streams (data.document_eos=False: "BOS doc BOS doc",
+the BOS coming from the tokenizer's encode) get no EOS; CALM's fill is then PAD,
+whose embedding the reference keeps at zero (nn.Embedding's padding_idx), as its own
+generate pads prompts with PAD.
 
 Everything after the prompt runs in one jitted program: prefill with `extend`,
 then a lax.while_loop that stops when every row has emitted EOS or the token
@@ -49,16 +53,26 @@ def frozen_sampling(sampling_config, **overrides):
   return Sampling(**values)
 
 
-def calm_prompt(ids, k, eos_id):
-  """Prompt ids -> int32[T*K]: EOS-filled on the left to a multiple of K, at least one EOS."""
+def calm_prompt(ids, k, fill_id, boundary=True):
+  """Prompt ids -> int32[T*K], left-filled with fill_id to a multiple of K.
+
+  boundary: at least one fill token (the EOS that ended the previous document). Runs
+  trained without document EOS (data.document_eos=False, the reference's streams, whose
+  tokenizer starts every document with BOS) fill with PAD and need no boundary.
+  """
   ids = [int(i) for i in ids]
-  fill = 1 + (-(len(ids) + 1) % k)
-  return np.asarray([eos_id] * fill + ids, np.int32)
+  fill = 1 + (-(len(ids) + 1) % k) if boundary else -len(ids) % k
+  if not ids and not fill:
+    raise ValueError("calm_prompt: an empty prompt with no boundary token has no chunk.")
+  return np.asarray([fill_id] * fill + ids, np.int32)
 
 
-def ar_prompt(ids, eos_id):
-  """Prompt ids -> int32[1 + P]: EOS (document boundary) then the prompt."""
-  return np.asarray([eos_id] + [int(i) for i in ids], np.int32)
+def ar_prompt(ids, eos_id=None):
+  """Prompt ids -> int32[P (+1)]: EOS (document boundary) then the prompt; eos_id=None: no EOS."""
+  prompt = ([] if eos_id is None else [eos_id]) + [int(i) for i in ids]
+  if not prompt:
+    raise ValueError("ar_prompt: the prompt is empty and has no boundary token.")
+  return np.asarray(prompt, np.int32)
 
 
 def _calm_draw(model, variables, h_BxD):

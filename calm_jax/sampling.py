@@ -54,7 +54,9 @@ def generate(run, prompt, sampling, seed=0):
     if not 0.0 < sampling.temperature <= 1.0:
       raise user_errors.UserError(f"--temperature={sampling.temperature}: CALM samples without "
                                   "likelihoods and supports T in (0, 1].")
-    prompt_L = generation.calm_prompt(ids, k, special.eos)
+    eos_boundary = run.config.data.document_eos
+    prompt_L = generation.calm_prompt(ids, k, special.eos if eos_boundary else special.pad,
+                                      boundary=eos_boundary)
     prompt_BxTxK = np.tile(prompt_L.reshape(1, -1, k), (sampling.num_samples, 1, 1))
     num_chunks = -(-sampling.max_tokens // k)
     jitted = generation.make_calm_generate(run.model, num_chunks=num_chunks, sampling=sampling,
@@ -63,7 +65,8 @@ def generate(run, prompt, sampling, seed=0):
   else:
     if sampling.temperature <= 0.0:
       raise user_errors.UserError(f"--temperature={sampling.temperature} must be > 0.")
-    prompt_BxP = np.tile(generation.ar_prompt(ids, special.eos)[None], (sampling.num_samples, 1))
+    eos = special.eos if run.config.data.document_eos else None
+    prompt_BxP = np.tile(generation.ar_prompt(ids, eos)[None], (sampling.num_samples, 1))
     jitted = generation.make_ar_generate(
         run.model, max_tokens=sampling.max_tokens, temperature=float(sampling.temperature),
         top_k=int(sampling.top_k), ids=special)

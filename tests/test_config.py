@@ -1,4 +1,5 @@
 """Experiment configs load for every variant and validation names the field and the fix."""
+import json
 import os
 
 import pytest
@@ -89,3 +90,27 @@ def test_autoencoder_mismatch_message():
 def test_missing_workdir_config(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="not a calm_jax workdir"):
     config_lib.load_config(str(tmp_path))
+
+
+def test_fields_added_since_a_run_was_saved_are_filled_with_what_it_computed(tmp_path):
+  """A config.json written before layer_norm_eps, init_from, ... loads as that run behaved."""
+  from experiments import calm as calm_experiment  # pylint: disable=g-import-not-at-top
+  config = calm_experiment.get_config("size=tiny")
+  config.model.norm_eps = 1e-5
+  old = json.loads(config.to_json())
+  for section, field in (("model", "layer_norm_eps"),
+                         ("model", "targets_bf16_embeddings_in_training"),
+                         ("data", "document_eos"), ("data", "pad_in_loss"),
+                         ("autoencoder", "digest")):
+    del old[section][field]
+  del old["init_from"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  loaded = config_lib.load_config(str(tmp_path))
+  assert loaded.model.layer_norm_eps == 1e-5           # its LayerNorms used model.norm_eps
+  assert not loaded.model.targets_bf16_embeddings_in_training
+  assert loaded.data.document_eos and not loaded.data.pad_in_loss
+  assert loaded.init_from == "" and loaded.autoencoder.digest == ""
+  # Resuming with today's defaults flags only what the old run computed differently.
+  assert config_lib.config_changes(loaded, config) == [("model.layer_norm_eps", 1e-5, 1e-6)]
+  config.model.layer_norm_eps = 1e-5
+  assert not config_lib.config_changes(loaded, config)

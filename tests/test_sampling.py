@@ -81,6 +81,11 @@ def test_calm_prompt_is_eos_filled_to_a_multiple_of_k():
       fill = len(prompt) - n
       assert 1 <= fill <= k and np.all(prompt[:fill] == tokenizer_lib.EOS_ID)
       assert prompt[fill:].tolist() == list(range(10, 10 + n))
+      # Reference streams (no document EOS): PAD fill, no boundary token.
+      if n:
+        prompt = generation.calm_prompt(list(range(10, 10 + n)), k, SP.pad, boundary=False)
+        assert len(prompt) % k == 0 and len(prompt) - n < k
+        assert set(prompt[:len(prompt) - n].tolist()) <= {SP.pad}
 
 
 def test_ar_generation_with_cache_equals_full_recompute_and_top1_is_greedy():

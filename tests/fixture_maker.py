@@ -179,7 +179,7 @@ def make_fixture(path, batch=2, length=32, seed=0, autoencoder=None, calm=None):
   return path + ".npz"
 
 
-# -- Fake reference checkpoint directories ------------------------------------------------------------
+# -- Fake reference checkpoint directories --------------------------------------------------
 def train_tokenizer(directory, vocab_size, bos="<s>", eos="</s>", unk="<unk>", pad=None,
                     specials_last=False):
   """A small BPE tokenizer.json (+ tokenizer_config.json) trained on the built-in corpus.
@@ -190,7 +190,8 @@ def train_tokenizer(directory, vocab_size, bos="<s>", eos="</s>", unk="<unk>", p
   and EOS after the learned vocabulary, as Llama-3 does (128000, 128001).
   """
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
   from calm_jax.data import sources  # pylint: disable=g-import-not-at-top
   late = [bos, eos] if specials_last else []
   specials = [unk] + [s for s in (bos, eos) if s not in late] + ([pad] if pad else [])

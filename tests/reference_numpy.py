@@ -37,7 +37,7 @@ def silu(x):
 
 
 def rms_norm(sd, name, x, eps, round_to_bf16=False):
-  """LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) (fp32 in the reference), cast to the input dtype, * w."""
+  """LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) (fp32), cast to the input dtype, times w."""
   if round_to_bf16:        # the input was bfloat16: compute in fp32 as torch does, then round
     x32 = np.asarray(x, np.float32)
     var = np.mean(np.square(x32), axis=-1, keepdims=True, dtype=np.float32)
@@ -126,7 +126,7 @@ def _cross_entropy(logits_NxV, labels_N):
 
 def autoencoder_forward(sd, cfg, ids_BxL, eps_Nx1xl, training=False, token_u_NxK=None,
                         keep_Nx1xl=None):
-  """Autoencoder.forward(input_ids, labels=input_ids): (logits [N*K, V], loss, kl, encoder latent)."""
+  """Autoencoder.forward(input_ids, labels=input_ids): (logits [N*K, V], loss, kl, latent)."""
   k, p = cfg["patch_size"], cfg["ae_dropout"]
   ids = ids_BxL.reshape(-1, k)
   if training:
@@ -168,12 +168,13 @@ def attention(sd, name, x_BxLxD, cfg, cos, sin):
   b, length, d = x_BxLxD.shape
   heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
   hd = d // heads
-  q = linear(sd, name + ".q_proj", x_BxLxD, False).reshape(b, length, heads, hd).transpose(0, 2, 1, 3)
+  q = linear(sd, name + ".q_proj", x_BxLxD, False).reshape(b, length, heads, hd)
+  q = q.transpose(0, 2, 1, 3)
   kk = linear(sd, name + ".k_proj", x_BxLxD, False).reshape(b, length, kv, hd).transpose(0, 2, 1, 3)
   v = linear(sd, name + ".v_proj", x_BxLxD, False).reshape(b, length, kv, hd).transpose(0, 2, 1, 3)
   q = q * cos + _rotate_half(q) * sin
   kk = kk * cos + _rotate_half(kk) * sin
-  rep = heads // kv                                   # repeat_kv: query head h uses kv head h // rep
+  rep = heads // kv                  # repeat_kv: query head h uses kv head h // rep
   kk, v = np.repeat(kk, rep, axis=1), np.repeat(v, rep, axis=1)
   scores = q @ kk.transpose(0, 1, 3, 2) / math.sqrt(hd)
   scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
@@ -225,7 +226,7 @@ def mlp_generator(sd, cfg, hidden_SxNxD, u_SxNxU, prefix="generative_head."):
 
 
 def energy_score(x_SxNxl, mean_Nxl, log_std_Nxl, eps_MxNxl, beta):
-  """EnergyTransformer.energy_score: mean_{i!=j} d(x_i, x_j) - 2 mean_{i,m} d(x_i, y_m), per position."""
+  """EnergyTransformer.energy_score: mean_{i!=j} d(xi, xj) - 2 mean_{i,m} d(xi, ym) per position."""
   n = x_SxNxl.shape[0]
   dist = lambda a, b: np.power(np.sqrt(np.sum(np.square(a - b), axis=-1)), beta)
   dx = dist(x_SxNxl[:, None], x_SxNxl[None, :]).sum(axis=(0, 1)) / (n * (n - 1))
@@ -245,7 +246,7 @@ def brier_k_ge_4(logits1_BxLxV, logits2_BxLxV, targets_BxL, k):
 
 
 def calm_forward(sd, cfg, ae_cfg, ids_BxL, u_SxNxU, eps_MxNxl, training=False):
-  """EnergyTransformer.forward(input_ids, labels=input_ids) with the saved draws: the fixture's out/calm/*."""
+  """EnergyTransformer.forward(input_ids, labels=input_ids) with the saved draws: out/calm/*."""
   k = cfg["patch_size"]
   b, length = ids_BxL.shape
   t = length // k

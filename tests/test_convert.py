@@ -190,8 +190,8 @@ def test_scanned_and_unscanned_layouts_hold_the_same_weights(parts):
       np.testing.assert_array_equal(value, arrays["params/calm/" + key])
   stacked = flat[True][("transformer", "layers", "attn", "out", "kernel")]
   for i in range(config.model.layers):
-    np.testing.assert_array_equal(stacked[i],
-                                  flat[False][("transformer", f"layers_{i}", "attn", "out", "kernel")])
+    unscanned = flat[False][("transformer", f"layers_{i}", "attn", "out", "kernel")]
+    np.testing.assert_array_equal(stacked[i], unscanned)
 
 
 def test_bin_needs_torch_with_a_clear_error(tmp_path, monkeypatch):

@@ -64,7 +64,8 @@ def test_calm_generation_with_cache_equals_full_recompute(tiny_calm, temperature
   prompt_BxTxK = np.tile(prompt.reshape(1, -1, 2), (3, 1, 1))
   sampling = _sampling(temperature=temperature, method=method, max_draws=64, draws_per_step=8,
                        fallback_pool=32, batch_approx_samples=16)
-  outs = [generation.make_calm_generate(model, num_chunks=5, sampling=sampling, ids=SP, use_cache=c)(
+  outs = [generation.make_calm_generate(model, num_chunks=5, sampling=sampling, ids=SP,
+                                         use_cache=c)(
       params, prompt_BxTxK, jax.random.key(3)) for c in (True, False)]
   (cached, stats), (full, _) = jax.device_get(outs)
   assert cached.shape == (3, 10)

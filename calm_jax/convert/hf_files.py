@@ -49,7 +49,8 @@ class _BinFile:
     try:
       self._sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
-      raise ConvertError(f"{path} could not be loaded by torch.load ({type(e).__name__}: {e}).") from e
+      raise ConvertError(
+          f"{path} could not be loaded by torch.load ({type(e).__name__}: {e}).") from e
     self._sd = self._sd.get("state_dict", self._sd) if isinstance(self._sd, dict) else self._sd
 
   def keys(self):

@@ -114,7 +114,7 @@ def _energy_head_rules(m):
 
 
 def calm_rules(model_config, ae_model_config=None):
-  """EnergyTransformer's state dict <-> calm_jax CALM params (the frozen ae_model.* too, if given)."""
+  """EnergyTransformer's state dict <-> calm_jax CALM params (and ae_model.* if given)."""
   m = model_config
   rules = _backbone_rules(m) + _energy_head_rules(m)
   rules += _linear("embed_proj.0", ("compress", "expand"))
@@ -125,7 +125,7 @@ def calm_rules(model_config, ae_model_config=None):
   return rules + autoencoder_rules(ae_model_config, "ae_model.", ("autoencoder",))
 
 
-# -- Tensors ----------------------------------------------------------------------------------------
+# -- Tensors --------------------------------------------------------------------------------
 def _kernel_shapes(rule, shape):
   """(the reference's shape, calm_jax's per-layer shape) of a rule's tensor."""
   if rule.layer is not None:

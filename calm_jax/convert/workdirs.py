@@ -110,7 +110,7 @@ def _save_workdir(workdir, config, params, provenance):
 
 
 def _infer_autoencoder_config(tensors, calm_hf):
-  """AutoencoderConfig fields of the ae_model.* weights: sizes from the tensors, the rest defaults."""
+  """AutoencoderConfig fields of ae_model.*: sizes from the tensors, the rest defaults."""
   shape = tensors.shape
   vocab, hidden = shape("ae_model.encoder.embed_tokens.weight")
   count = lambda part: len({m.group(1) for k in tensors.keys()
@@ -130,7 +130,7 @@ def _infer_autoencoder_config(tensors, calm_hf):
 
 
 def _import_autoencoder(hf, tensors, prefix, workdir, tokenizer_path, provenance):
-  """Converts an autoencoder state dict (under `prefix`) into a stage-1 workdir; returns its digest."""
+  """An autoencoder state dict (keys under `prefix`) -> a stage-1 workdir: (digest, params)."""
   source = provenance["source"]
   config = hf_config.autoencoder_config(hf, source)
   config.data.tokenizer = tokenizer_path

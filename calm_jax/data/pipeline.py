@@ -41,7 +41,7 @@ def _is_nonempty(document):
 
 
 class _ToExample(grain.transforms.Map):
-  """A document (text or token ids) -> {'tokens', 'mask'}: ids (+ EOS) (+ PAD to a multiple of K)."""
+  """A document (text or token ids) -> {'tokens', 'mask'}: ids (+ EOS) (+ PAD to K's multiple)."""
 
   def __init__(self, tokenizer, chunk_size, document_eos=True, pad_in_loss=False):
     self._tokenizer = tokenizer

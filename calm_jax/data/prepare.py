@@ -79,7 +79,8 @@ def prepare(spec, tokenizer_path, output_dir, num_shards=4, skip_bad_records=Fal
 def _parse_args(argv):
   parser = argparse.ArgumentParser(prog="calm-prepare", description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="data SPEC to tokenize (see README)")
-  parser.add_argument("--tokenizer", required=True, help="SentencePiece .model, tokenizer.json or a directory with one")
+  parser.add_argument("--tokenizer", required=True,
+                      help="SentencePiece .model, tokenizer.json or a directory with one")
   parser.add_argument("--output", required=True, help="output directory for the shards")
   parser.add_argument("--num_shards", type=int, default=4, help="number of ArrayRecord files")
   parser.add_argument("--skip_bad_records", action="store_true",

@@ -45,7 +45,7 @@ def _stage_layers(n, field):
 
 
 def mask_tokens(u, tokens, rate, mask_id):
-  """Replaces a token by mask_id unless its uniform draw u > rate (the reference's input masking)."""
+  """Replaces a token by mask_id unless its uniform draw u > rate (the reference's masking)."""
   return jnp.where(u > rate, tokens, mask_id)
 
 

@@ -219,3 +219,36 @@ def test_missing_weights_and_config_are_errors(tmp_path):
   with pytest.raises(ConvertError, match="named by the index but missing"):
     hf_files.CheckpointTensors(str(tmp_path))
   assert not os.path.exists(tmp_path / "model-00001-of-00002.safetensors")
+
+
+def test_conversion_holds_one_copy_of_the_model(tmp_path):
+  """Import fills one tree tensor by tensor (the file is memory-mapped); export streams."""
+  import tracemalloc
+  from safetensors.numpy import save_file
+  ae_kw = dict(fixture_maker.AE_DEFAULTS, vocab_size=2048, hidden_size=128, intermediate_size=320)
+  calm_kw = dict(fixture_maker.CALM_DEFAULTS, vocab_size=2048, hidden_size=256,
+                 intermediate_size=640, num_hidden_layers=4, num_mlp_layers=2)
+  sd = fixture_maker.calm_state_dict(calm_kw, fixture_maker.autoencoder_state_dict(ae_kw, 0), 1)
+  path = tmp_path / "model.safetensors"
+  save_file(sd, str(path))
+  largest = max(v.nbytes for v in sd.values())
+  del sd
+  config = hf_config.calm_config(calm_kw, "c")
+  ae_config = hf_config.autoencoder_config(ae_kw, "c")
+  rules = keymap.calm_rules(config.model, ae_config.model)
+  shapes = workdirs.abstract_param_shapes(config, ae_config)
+  model_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
+  assert model_bytes > 4 * largest           # the bound below says something
+  (tmp_path / "config.json").write_text("{}")
+  tracemalloc.start()
+  with hf_files.CheckpointTensors(str(tmp_path)) as tensors:
+    params = keymap.import_params(tensors, rules, shapes, "c")
+  _, peak = tracemalloc.get_traced_memory()
+  assert peak < model_bytes + 3 * largest, (peak, model_bytes, largest)
+  tracemalloc.reset_peak()
+  before, _ = tracemalloc.get_traced_memory()
+  safetensors_io.write(str(tmp_path / "out.safetensors"), keymap.export_specs(rules, shapes),
+                       keymap.export_tensors(params, rules))
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  assert peak - before < 4 * largest, (peak - before, largest)

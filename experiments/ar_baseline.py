@@ -8,8 +8,9 @@ Variants: size=tiny|S|M|L (the paper's Transformer-S/M/L baselines), mesh=<commo
 recipe=default|paper.
   tiny: 2 CPU cores, minutes; the loss falls below 6 nats within 500 steps.
   S/M/L: accelerators; seq_len 2048, global batch 256.
-  recipe=paper (size=S|M|L): the reference's train/train_ar.sh exactly (experiments/paper.py cites
-  its lines: 1024 x 2048 tokens, 250k steps, lr 3e-4 constant, bf16; the script is size S).
+  recipe=paper (size=S|M|L): the reference's train/train_ar.sh exactly: size S l.20, optimizer
+  l.24-29, 4 x 8 GPUs x 32 = 1024 x 2048 tokens l.26, 32, 34, 250k steps l.36, lr 3e-4 constant
+  l.41-42, bf16 l.49 (experiments/paper.py, line by line).
 """
 from experiments import common
 from experiments import paper

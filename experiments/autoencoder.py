@@ -8,8 +8,9 @@ Variants: size=tiny|base, K=<chunk size>, mesh=<a name in common.MESHES>, recipe
   tiny: 2 CPU cores, about 30 minutes; >= 99.5% token accuracy (posterior mean).
   base: the paper's autoencoder (hidden 512, MLP 1280, 2+2 layers, l=128, K=4),
         for an accelerator; >99.9% token accuracy in the paper.
-  recipe=paper: the reference's train/train_autoencoder.sh exactly (experiments/paper.py cites
-        its lines: 256 x 2048 tokens, 30k steps, lr 3e-4 constant, bf16, Llama-3 tokenizer).
+  recipe=paper: the reference's train/train_autoencoder.sh exactly: sizes l.12, optimizer
+        l.16-21, 8 x 8 GPUs x 4 = 256 x 2048 tokens l.18, 24, 26, 30k steps l.28, lr 3e-4
+        constant l.33-34, bf16 l.41, Llama-3 tokenizer l.5 (experiments/paper.py, line by line).
 """
 import ml_collections
 

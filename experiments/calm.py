@@ -10,8 +10,9 @@ recipe=default|paper.
   tiny: 2 CPU cores, minutes; needs a finished tiny autoencoder run (W1).
   M/L/XL: the paper's CALM-M/L/XL (M: 1024 hidden, MLP 2752, 16 layers, 4 head
   blocks), for accelerators. K must equal the autoencoder's K.
-  recipe=paper (size=M|L|XL): the reference's train/train_energy.sh exactly (experiments/paper.py
-  cites its lines: 256 x 8192 tokens, 250k steps, lr 3e-4 constant, bf16, energy head).
+  recipe=paper (size=M|L|XL): the reference's train/train_energy.sh exactly: sizes l.23,
+  optimizer l.25-30, 4 x 8 GPUs x 8 = 256 x 8192 tokens l.27, 33, 35, 250k steps l.37, lr 3e-4
+  constant l.42-43, bf16 l.50 (experiments/paper.py, line by line).
 """
 import ml_collections
 

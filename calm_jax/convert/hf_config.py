@@ -85,6 +85,14 @@ def _even_layers(value, field, source):
   return value
 
 
+def _blocks_of_k(config):
+  """The recipe's block lengths, rounded down to a multiple of the checkpoint's K."""
+  k = config.model.patch_size
+  config.data.seq_len -= config.data.seq_len % k
+  config.eval.block_len -= config.eval.block_len % k
+  return config
+
+
 def autoencoder_config(hf, source):
   """The calm_jax stage-1 config (autoencoder.py:recipe=paper) with config.json's model."""
   _check_common(hf, source)
@@ -105,7 +113,7 @@ def autoencoder_config(hf, source):
       norm_eps=_get(hf, "rms_norm_eps", source), init_std=_get(hf, "initializer_range", source,
                                                                 0.02))
   config.data.vocab_size = vocab
-  return config
+  return _blocks_of_k(config)
 
 
 def calm_config(hf, source):
@@ -137,7 +145,7 @@ def calm_config(hf, source):
       num_target_samples=100,           # EnergyTransformer.energy_score: n_y = 100
       layer_norm_eps=1e-6)              # every nn.LayerNorm of modeling_energy.py
   config.data.vocab_size = vocab
-  return config
+  return _blocks_of_k(config)
 
 
 def to_calm_jax(kind, hf, source):

@@ -10,8 +10,10 @@ blocks of config.eval.block_len tokens, prints a table and writes JSON.
 
 Keys: autoencoder runs: token_accuracy, token_accuracy_noisy {sigma: accuracy}, kl;
 CALM runs: brier1..brier4, brierlm, <head>_loss (energy_loss for the energy head);
-AR runs: brier1..brier4, brierlm, cross_entropy, perplexity; every run: num_tokens,
-step, workdir, block_len, data, seed. Block length moves BrierLM a lot (longer
+AR runs: brier1..brier4, brierlm, cross_entropy, perplexity; CALM and AR runs also
+unigram {brier1..4, brierlm}: the training-token-frequency model's exact Brier-n at the
+same positions (unigram.py), the floor a model that learned anything must clear; every run: num_tokens,
+step, workdir, block_len, data, seed, brier_samples. Block length moves BrierLM a lot (longer
 context), so compare runs at the same block_len. The estimators are in
 eval_lib.py and brier.py.
 
@@ -38,6 +40,7 @@ from calm_jax import eval_lib
 from calm_jax import logging_setup
 from calm_jax import restore
 from calm_jax import sharding
+from calm_jax import unigram
 from calm_jax import user_errors
 from calm_jax.data import pipeline
 
@@ -55,15 +58,19 @@ def define_flags():
   flags.DEFINE_integer("max_tokens", None,
                        "Cap on evaluated tokens (default: config.eval.max_tokens; 0: all).")
   flags.DEFINE_integer("seed", 0, "Seed of the model samples (Brier-n, noisy accuracy).")
+  flags.DEFINE_integer("brier_samples", None, "CALM: head samples per position for Brier-n "
+                       "(default: config.eval.brier_samples; 2 is the paper's estimator, more "
+                       "lowers its variance).")
 
 
 _JITTED = {}   # id(model) -> (model, jitted step): one compilation per restored run
 
 
-def _step_fn(model, stage, position_batch):
+def _step_fn(model, stage, position_batch, brier_samples):
   """The per-batch evaluation function of a stage (jitted by the caller)."""
   if stage == "calm":
-    return functools.partial(eval_lib.calm_terms, model, position_batch=position_batch)
+    return functools.partial(eval_lib.calm_terms, model, position_batch=position_batch,
+                             num_samples=brier_samples)
   if stage == "ar":
     return functools.partial(eval_lib.ar_terms, model, position_batch=position_batch)
 
@@ -82,25 +89,34 @@ def _finish_autoencoder(totals, weight, sigmas):
           "kl": mean("kl")}
 
 
-def evaluate_run(run, data=None, max_tokens=None, seed=0, progress=True):
+def evaluate_run(run, data=None, max_tokens=None, seed=0, progress=True, brier_samples=None):
   """One pass of the eval data through `run`; returns the metrics dict (see the module docstring)."""
   config = run.config.copy_and_resolve_references()
   if data:
     config.data.eval = data
+  if brier_samples is not None:
+    if brier_samples < 2:
+      raise user_errors.UserError(
+          f"--brier_samples={brier_samples}: Brier-n needs at least 2 samples per position.")
+    config.eval.brier_samples = brier_samples
   if max_tokens is None:
     max_tokens = config.eval.max_tokens
   stage = config.stage
   batch_sharding = sharding.batch_sharding(run.mesh, run.axis_rules)
   replicated = sharding.replicated(run.mesh)
   with sharding.activate(run.mesh, run.axis_rules):
-    key = (id(run.model), config.eval.position_batch)
+    key = (id(run.model), config.eval.position_batch, config.eval.brier_samples)
     if key not in _JITTED or _JITTED[key][0] is not run.model:
       _JITTED[key] = (run.model, jax.jit(
-          _step_fn(run.model, stage, config.eval.position_batch),
+          _step_fn(run.model, stage, config.eval.position_batch, config.eval.brier_samples),
           in_shardings=(run.param_shardings, batch_sharding, replicated),
           out_shardings=replicated))
     step_fn = _JITTED[key][1]
     accumulator = brier.BrierAccumulator()
+    unigram_accumulator = brier.BrierAccumulator()
+    if stage != "autoencoder":
+      p_V = unigram.token_frequencies(config, run.tokenizer, config.eval.unigram_tokens)
+      k = config.model.patch_size if stage == "calm" else 1
     totals, weight, num_tokens = {}, 0.0, 0
     rng = jax.random.key(seed)
     iterator = pipeline.make_iterator(config, run.tokenizer, "eval")
@@ -121,6 +137,7 @@ def evaluate_run(run, data=None, max_tokens=None, seed=0, progress=True):
       else:
         sums_N, counts_N, loss_sum, loss_count = out
         accumulator.add(sums_N, counts_N)
+        unigram_accumulator.add(*unigram.brier_sums(p_V, local["tokens"], local["mask"], k, k))
         totals["loss"] = totals.get("loss", 0.0) + float(loss_sum)
         weight += float(loss_count)
       if max_tokens and num_tokens >= max_tokens:
@@ -136,10 +153,21 @@ def evaluate_run(run, data=None, max_tokens=None, seed=0, progress=True):
     else:
       result[f"{config.model.head}_loss"] = loss
     result["positions"] = [int(c) for c in accumulator.counts_N]
+    unigram_accumulator.sums_N = unigram.all_processes_sum(unigram_accumulator.sums_N)
+    unigram_accumulator.counts_N = unigram.all_processes_sum(unigram_accumulator.counts_N)
+    result["unigram"] = unigram_accumulator.result()
   result.update(num_tokens=num_tokens, step=int(run.step), workdir=os.path.abspath(run.workdir),
                 block_len=int(config.eval.block_len), data=config.data.eval, seed=seed,
+                brier_samples=int(config.eval.brier_samples),
                 stage=stage)
   return result
+
+
+def _format_value(v):
+  """Floats with 4 decimals, or 3 significant digits when that would print 0.0000."""
+  if isinstance(v, float):
+    return f"{v:.3e}" if 0 < abs(v) < 5e-4 else f"{v:.4f}"
+  return str(v)
 
 
 def format_table(result):
@@ -151,8 +179,26 @@ def format_table(result):
     else:
       rows.append((key, value))
   width = max(len(k) for k, _ in rows)
-  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-  return "\n".join(f"{k:<{width}}  {fmt(v)}" for k, v in rows)
+  return "\n".join(f"{k:<{width}}  {_format_value(v)}" for k, v in rows)
+
+
+def format_brier_comparison(result):
+  """Brier-1..4 and BrierLM of the model beside the unigram baseline's at the same positions."""
+  keys = [f"brier{n}" for n in range(1, brier.MAX_N + 1)] + ["brierlm"]
+  uni = result["unigram"]
+  lines = [f"{'':<8}  {'model':>10}  {'unigram':>10}  {'model/unigram':>13}"]
+  for k in keys:
+    ratio = result[k] / uni[k] if uni[k] > 0 else float("nan")
+    lines.append(f"{k:<8}  {_format_value(result[k]):>10}  {_format_value(uni[k]):>10}  "
+                 f"{ratio:>13.2f}")
+  return "\n".join(lines)
+
+
+def print_result(result):
+  """The result table, and for CALM/AR runs the model-vs-unigram Brier table under it."""
+  print(f"\n{format_table({k: v for k, v in result.items() if k != 'unigram'})}")
+  if "unigram" in result:
+    print(f"\n{format_brier_comparison(result)}")
 
 
 def _recorded_steps(path, data):
@@ -162,7 +208,8 @@ def _recorded_steps(path, data):
     return {row["step"] for row in map(json.loads, filter(str.strip, f)) if row.get("data") == data}
 
 
-def main_eval(workdir, data=None, step=None, output=None, max_tokens=None, seed=0):
+def main_eval(workdir, data=None, step=None, output=None, max_tokens=None, seed=0,
+              brier_samples=None):
   """What calm-eval does; returns the list of results written."""
   if step == "all":
     steps = restore.checkpoint_steps(workdir)
@@ -174,8 +221,9 @@ def main_eval(workdir, data=None, step=None, output=None, max_tokens=None, seed=
       if s in done:
         logging.info("step %d already in %s; skipped", s, output)
         continue
-      result = evaluate_run(restore.restore_step(run, s), data, max_tokens, seed)
-      print(f"\n{format_table(result)}")
+      result = evaluate_run(restore.restore_step(run, s), data, max_tokens, seed,
+                            brier_samples=brier_samples)
+      print_result(result)
       if jax.process_index() == 0:
         with open(output, "a") as f:
           f.write(json.dumps(result) + "\n")
@@ -184,8 +232,8 @@ def main_eval(workdir, data=None, step=None, output=None, max_tokens=None, seed=
   if step is not None and not step.isdigit():
     raise user_errors.UserError(f"--step={step!r}: give a checkpoint step number or 'all'.")
   run = restore.load_run(workdir, int(step) if step is not None else None)
-  result = evaluate_run(run, data, max_tokens, seed)
-  print(f"\n{format_table(result)}")
+  result = evaluate_run(run, data, max_tokens, seed, brier_samples=brier_samples)
+  print_result(result)
   output = output or os.path.join(workdir, f"eval_step_{run.step}.json")
   if jax.process_index() == 0:
     with open(output, "w") as f:
@@ -199,7 +247,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging_setup.setup()
   with user_errors.exit_on_user_error():
-    main_eval(FLAGS.workdir, FLAGS.data, FLAGS.step, FLAGS.output, FLAGS.max_tokens, FLAGS.seed)
+    main_eval(FLAGS.workdir, FLAGS.data, FLAGS.step, FLAGS.output, FLAGS.max_tokens, FLAGS.seed,
+              FLAGS.brier_samples)
 
 
 def run():

@@ -74,6 +74,25 @@ def brier_estimates(sample1_xN, sample2_xN, target_xN):
           - _prefix_equal(sample1_xN, sample2_xN))
 
 
+def multi_sample_estimates(samples_SxN, target_xN):
+  """Per-position Brier-n estimates from S >= 2 independent samples: float32[..., N].
+
+  The U-statistic of the two-sample estimator over all sample pairs:
+    (2/S) sum_i 1{x_i[:n] = y[:n]}  -  (2 / (S (S-1))) sum_{i<j} 1{x_i[:n] = x_j[:n]},
+  unbiased for 2 P(y) - sum_x P(x)^2 like `brier_estimates` (which it equals at S = 2),
+  with a variance that falls with S: more samples per position resolve small Brier-3/4.
+  samples_SxN: int[S, ..., N]; target_xN: int[..., N].
+  """
+  s = samples_SxN.shape[0]
+  if s < 2:
+    raise ValueError(f"multi_sample_estimates needs S >= 2 samples per position, got {s}; "
+                     "raise config.eval.brier_samples.")
+  accuracy_xN = sum(_prefix_equal(samples_SxN[i], target_xN) for i in range(s)) * (2.0 / s)
+  pairs = [(i, j) for i in range(s) for j in range(i + 1, s)]
+  collision_xN = sum(_prefix_equal(samples_SxN[i], samples_SxN[j]) for i, j in pairs)
+  return accuracy_xN - collision_xN / len(pairs)
+
+
 def sum_sq_probs(logits_xV):
   """sum_v softmax(logits)_v^2 over the last axis, float32 (the exact one-token collision probability)."""
   logp_xV = jax.nn.log_softmax(logits_xV.astype(jnp.float32), axis=-1)
@@ -119,6 +138,12 @@ def masked_sums(est_xN, valid_xN):
 def brier_terms(sample1_xN, sample2_xN, target_xN, valid_xN):
   """Likelihood-free Brier-1..N summed over valid positions: (sums_N, counts_N); mean = sums / counts."""
   return masked_sums(brier_estimates(sample1_xN, sample2_xN, target_xN), valid_xN)
+
+
+@jax.jit
+def multi_sample_terms(samples_SxN, target_xN, valid_xN):
+  """Brier-1..N from S samples per position summed over valid positions: (sums_N, counts_N)."""
+  return masked_sums(multi_sample_estimates(samples_SxN, target_xN), valid_xN)
 
 
 @jax.jit

@@ -157,6 +157,9 @@ def validate(config, require_autoencoder=True):
            f"config.train.batch_size={config.train.batch_size} is not divisible by "
            f"config.train.grad_accum_steps={config.train.grad_accum_steps}.")
   _require(config.train.steps >= 0, f"config.train.steps={config.train.steps}: must be >= 0.")
+  _require(config.eval.brier_samples >= 2,
+           f"config.eval.brier_samples={config.eval.brier_samples}: Brier-n needs >= 2 samples "
+           "per position (2 is the paper's estimator).")
   _require(bool(config.data.train), "config.data.train is empty: give a data SPEC (see README).")
   if config.stage == "calm":
     _require(bool(config.autoencoder.workdir) or not require_autoencoder,

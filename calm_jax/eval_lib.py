@@ -10,7 +10,9 @@ CALM (likelihood-free, as the reference's eval_brier). Position t of a block of
 T = L/K chunks is the backbone state h[t] after true chunks 0..t; it predicts
 chunk t+1. Two independent head samples per position, decoded by the frozen
 autoencoder (argmax of the decoder logits), give sample chunks s1[t], s2[t].
-  * K >= 4: x1 = s1[t][:4], x2 = s2[t][:4]; brier.brier_terms.
+  * K >= 4: x1 = s1[t][:4], x2 = s2[t][:4]; brier.brier_terms. With
+    config.eval.brier_samples = S > 2 samples the estimate is the U-statistic over all
+    pairs (brier.multi_sample_estimates): same expectation, lower variance.
   * K < 4, m = ceil(4/K) chunks cover 4 tokens.
     Accuracy: 1{x1[:n] = y[:n]} with x1 = s1[t], s1[t+1], ... (each a sample given
     the *true* prefix): a product of independent indicators, so its mean is
@@ -40,16 +42,15 @@ from calm_jax import brier
 N = brier.MAX_N
 
 
-def _sample_chunks(model, variables, h_xD, rng):
-  """Two independent head samples per state, decoded by argmax: (s1, s2) int32[..., K]."""
+def _sample_chunks(model, variables, h_xD, rng, num=2):
+  """num independent head samples per state, decoded by argmax: int32[num, ..., K]."""
 
   def one(key):
     z = model.apply(variables, h_xD, method="sample_latent", rngs={"sample": key})
     logits = model.apply(variables, z, method="decode_latent")
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  key1, key2 = jax.random.split(rng)
-  return one(key1), one(key2)
+  return jnp.stack([one(key) for key in jax.random.split(rng, num)])
 
 
 def _per_position(fn, positions_P, xs, position_batch):
@@ -66,21 +67,22 @@ def _targets_and_valid(tokens_BxL, mask_BxL, start, count, stride):
   return y_BxPxN, valid_BxPxN
 
 
-def sampled_chunk_terms(s1_BxPxK, s2_BxPxK, tokens_BxL, mask_BxL):
-  """K >= 4: Brier-1..4 (sums_N, counts_N) from two sampled chunks per position.
+def sampled_chunk_terms(samples_SxBxPxK, tokens_BxL, mask_BxL):
+  """K >= 4: Brier-1..4 (sums_N, counts_N) from S >= 2 sampled chunks per position.
 
   Position t of the block holds the samples of chunk t+1 (given true chunks 0..t); its
-  n-token target is the first n tokens of the true chunk t+1. The reference's eval_brier
-  (patch_size >= 4 branch) computes the same from the decoder's argmax samples.
+  n-token target is the first n tokens of the true chunk t+1. With S = 2 this is the
+  reference's eval_brier (patch_size >= 4 branch) on the decoder's argmax samples; more
+  samples give the same expectation with less variance (brier.multi_sample_estimates).
   """
-  k = s1_BxPxK.shape[-1]
+  k = samples_SxBxPxK.shape[-1]
   if k < N:
     raise ValueError(f"sampled_chunk_terms needs K >= {N} tokens per chunk, got K={k}.")
-  y_BxPxN, valid_BxPxN = _targets_and_valid(tokens_BxL, mask_BxL, k, s1_BxPxK.shape[1], k)
-  return brier.brier_terms(s1_BxPxK[..., :N], s2_BxPxK[..., :N], y_BxPxN, valid_BxPxN)
+  y_BxPxN, valid_BxPxN = _targets_and_valid(tokens_BxL, mask_BxL, k, samples_SxBxPxK.shape[2], k)
+  return brier.multi_sample_terms(samples_SxBxPxK[..., :N], y_BxPxN, valid_BxPxN)
 
 
-def calm_terms(model, params, batch, rng, position_batch):
+def calm_terms(model, params, batch, rng, position_batch, num_samples=2):
   """CALM Brier-1..4 (sums_N, counts_N) and the summed head loss: (sums_N, counts_N, loss_sum, loss_count)."""
   variables = {"params": params}
   k = model.config.patch_size
@@ -100,18 +102,17 @@ def calm_terms(model, params, batch, rng, position_batch):
   chunks_BxTxK = tokens_BxL.reshape(b, num_chunks, k)
   cache = model.apply(variables, b, positions + m, method="init_cache")
   h_BxPxD, cache = model.apply(variables, chunks_BxTxK[:, :positions], cache, method="extend")
-  s1_BxPxK, s2_BxPxK = _sample_chunks(model, variables, h_BxPxD, rng_sample)
+  samples_SxBxPxK = _sample_chunks(model, variables, h_BxPxD, rng_sample, num_samples)
   if k >= N:
-    return (*sampled_chunk_terms(s1_BxPxK, s2_BxPxK, tokens_BxL, mask_BxL), loss_sum, loss_count)
+    return (*sampled_chunk_terms(samples_SxBxPxK, tokens_BxL, mask_BxL), loss_sum, loss_count)
+  s1_BxPxK, s2_BxPxK = samples_SxBxPxK[0], samples_SxBxPxK[1]
   y_BxPxN, valid_BxPxN = _targets_and_valid(tokens_BxL, mask_BxL, k, positions, k)
 
-  # Accuracy: the teacher-forced samples of chunks t+1 .. t+m laid end to end.
-  flat1_BxPK = s1_BxPxK.reshape(b, positions * k)
-  flat2_BxPK = s2_BxPxK.reshape(b, positions * k)
-  x1_acc = brier.ngram_windows(flat1_BxPK, N, fill=-1)[:, ::k]
-  x2_acc = brier.ngram_windows(flat2_BxPK, N, fill=-1)[:, ::k]
+  # Accuracy: each sample's teacher-forced chunks t+1 .. t+m laid end to end, 2/S of their sum
+  # (2 1{x = y} per sample pair, as the two-sample estimator).
   eq = lambda a, c: jnp.cumprod((a == c).astype(jnp.float32), axis=-1)
-  accuracy_BxPxN = eq(x1_acc, y_BxPxN) + eq(x2_acc, y_BxPxN)
+  windows = lambda s_BxPxK: brier.ngram_windows(s_BxPxK.reshape(b, positions * k), N, fill=-1)[:, ::k]
+  accuracy_BxPxN = sum(eq(windows(s), y_BxPxN) for s in samples_SxBxPxK) * (2.0 / num_samples)
 
   # Collision: m-1 further chunks along sample 1's path, every position from its own cache copy.
   def continue_from(t, first1_BxK, first2_BxK, key):

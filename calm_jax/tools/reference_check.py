@@ -170,7 +170,7 @@ def _brier_from_latents(parts, variables, z_2xBxPxl, targets_BxPK):
   s1, s2 = (np.argmax(np.asarray(x), axis=-1).astype(np.int32) for x in logits)
   b, p, k = s1.shape
   tokens = np.concatenate([np.zeros((b, k), np.int32), np.asarray(targets_BxPK, np.int32)], 1)
-  sums, counts = eval_lib.sampled_chunk_terms(s1, s2, tokens, np.ones_like(tokens))
+  sums, counts = eval_lib.sampled_chunk_terms(np.stack([s1, s2]), tokens, np.ones_like(tokens))
   return logits, np.asarray(sums) / np.asarray(counts)
 
 

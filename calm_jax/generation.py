@@ -87,15 +87,25 @@ def _calm_draw(model, variables, h_BxD):
   return draw
 
 
+def resolve_method(sampling):
+  """'auto' -> 'batch_approx' when 1/T is an integer (the reference's sampler), else 'exact'."""
+  if sampling.method != "auto":
+    return sampling.method
+  _, alpha = temperature_lib.split_inverse_temperature(sampling.temperature)
+  return "batch_approx" if alpha == 0.0 else "exact"
+
+
 def _sample_chunk(draw, rng, sampling):
-  if sampling.method == "exact":
+  method = resolve_method(sampling)
+  if method == "exact":
     return temperature_lib.sample_exact(
         draw, rng, sampling.temperature, max_draws=sampling.max_draws,
         draws_per_step=sampling.draws_per_step, fallback_pool=sampling.fallback_pool)
-  if sampling.method == "batch_approx":
+  if method == "batch_approx":
     return temperature_lib.sample_batch_approx(draw, rng, sampling.temperature,
                                                sampling.batch_approx_samples)
-  raise ValueError(f"config.sampling.method={sampling.method!r}: use 'exact' or 'batch_approx'.")
+  raise ValueError(f"config.sampling.method={sampling.method!r}: use 'auto', 'exact' or "
+                   "'batch_approx'.")
 
 
 def make_calm_generate(model, *, num_chunks, sampling, ids, use_cache=True):

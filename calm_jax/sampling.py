@@ -1,12 +1,14 @@
 r"""calm-generate: continuations of a prompt from a trained CALM or AR baseline run, with tokens/s.
 
   calm-generate --workdir W --prompt "The quick" [--temperature 0.5] [--max_tokens 64] \
-      [--num_samples 4] [--seed 0] [--method exact|batch_approx] [--top_k K]
+      [--num_samples 4] [--seed 0] [--method auto|exact|batch_approx] [--top_k K]
 
 CALM: likelihood-free temperature sampling over head draws, exact for any T in
 (0, 1] (temperature.sample_exact, capped at config.sampling.max_draws draws per
 chunk, then the batch approximation; the count of such chunks is printed), or
---method batch_approx for T = 1/n (config.sampling.batch_approx_samples draws).
+--method batch_approx for T = 1/n (config.sampling.batch_approx_samples draws); the
+default 'auto' takes batch_approx when 1/T is an integer (as the reference's generate()
+does), exact otherwise.
 AR baseline: softmax(logits / T) with optional top-k. Defaults come from
 config.sampling (experiments/common.py). The prompt scheme and the loops are in
 generation.py; all num_samples continuations run as one batch in one jitted
@@ -37,7 +39,8 @@ def define_flags():
   flags.DEFINE_integer("max_tokens", None, "New tokens per continuation.")
   flags.DEFINE_integer("num_samples", None, "Continuations (the batch).")
   flags.DEFINE_integer("seed", 0, "Random seed.")
-  flags.DEFINE_string("method", None, "CALM: 'exact' or 'batch_approx' (T = 1/n).")
+  flags.DEFINE_string("method", None, "CALM: 'auto' (batch_approx when 1/T is an integer, "
+                      "else exact), 'exact' or 'batch_approx' (T = 1/n).")
   flags.DEFINE_integer("top_k", None, "AR baseline: top-k (0: off).")
 
 

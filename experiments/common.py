@@ -28,12 +28,17 @@ DEFAULT_RULES = (
 )
 
 # The paper's backbone sizes (hidden, MLP, layers, heads); head blocks = layers / 4.
+# init_std: the std of every linear/embedding weight at init. The reference's 0.02 (HF
+# initializer_range) is about 1/sqrt(width) at its widths; at width 128 it leaves each
+# residual MLP block of the energy head ~1e-4 of its input, so the head ignores the
+# backbone for hundreds of steps (measured: Brier-1 0.0067 at 0.02 vs 0.0235 at 0.088,
+# unigram 0.0096). tiny therefore uses 1/sqrt(128) = 0.088.
 BACKBONES = {
-    "tiny": dict(hidden=128, mlp=384, layers=2, heads=4),
-    "S": dict(hidden=768, mlp=2048, layers=12, heads=16),
-    "M": dict(hidden=1024, mlp=2752, layers=16, heads=16),
-    "L": dict(hidden=1536, mlp=4096, layers=16, heads=16),
-    "XL": dict(hidden=2560, mlp=6880, layers=16, heads=32),
+    "tiny": dict(hidden=128, mlp=384, layers=2, heads=4, init_std=0.088),
+    "S": dict(hidden=768, mlp=2048, layers=12, heads=16, init_std=0.02),
+    "M": dict(hidden=1024, mlp=2752, layers=16, heads=16, init_std=0.02),
+    "L": dict(hidden=1536, mlp=4096, layers=16, heads=16, init_std=0.02),
+    "XL": dict(hidden=2560, mlp=6880, layers=16, heads=32, init_std=0.02),
 }
 
 
@@ -151,7 +156,9 @@ def eval_config():
       batch_size=8,
       max_tokens=100_000,               # cap on evaluated tokens (0: no cap)
       noise_sigmas=(0.3, 0.5),          # autoencoder accuracy under Gaussian noise on z
-      brier_samples=2,                  # independent samples per position for Brier-n
+      brier_samples=2,                  # CALM: head samples per position for Brier-n (2: the
+                                        # paper's estimator; more: same mean, less variance)
+      unigram_tokens=1_000_000,         # training tokens counted for the unigram baseline's Brier-n
       position_batch=32,                # positions whose extra AR steps (Brier-n when n > K) run
                                         # together, each with its own KV-cache copy; lower on OOM
   ))
@@ -160,10 +167,13 @@ def eval_config():
 def sampling_config():
   """calm-generate (and the quickstart's sample): temperature sampling for CALM and the AR baseline."""
   return ml_collections.ConfigDict(dict(
-      temperature=1.0,                  # T in (0, 1] for CALM (likelihood-free); AR: any T > 0
+      temperature=0.5,                  # T in (0, 1] for CALM (likelihood-free); AR: any T > 0.
+                                        # 0.5: the reference's generate() default
       max_tokens=64,                    # new tokens per continuation (stops earlier at EOS)
       num_samples=4,                    # continuations per prompt (the generation batch)
-      method="exact",                   # CALM: 'exact' (any T) | 'batch_approx' (T = 1/n only)
+      method="auto",                    # CALM: 'exact' (any T) | 'batch_approx' (T = 1/n only,
+                                        # the reference's temperature_sampling) | 'auto'
+                                        # (batch_approx when 1/T is an integer, else exact)
       max_draws=2048,                   # exact: cap on head draws per chunk, then the approximation
       draws_per_step=16,                # exact: head draws per while-loop iteration
       fallback_pool=256,                # exact: draws kept for the fallback approximation
@@ -212,7 +222,7 @@ def backbone_config(size, vocab_size, patch_size):
       kv_heads=b["heads"],              # < heads for GQA
       rope_theta=10000.0,
       norm_eps=1e-6,
-      init_std=0.02,
+      init_std=b["init_std"],
       remat="none",                     # 'none' | 'full' | 'dots'
       scan_layers=True,
   ))

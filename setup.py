@@ -42,6 +42,7 @@ setuptools.setup(
             "calm-eval=calm_jax.evaluate:run",
             "calm-generate=calm_jax.sampling:run",
             "calm-quickstart=calm_jax.quickstart:run",
+            "calm-diagnose=calm_jax.diagnose:run",
             "calm-convert=calm_jax.convert.cli:run",
         ]
     },

@@ -42,14 +42,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(bench_lib.REPO), "shared", "data")
 K = 4
 HEADS = ("energy", "flow", "diffusion")
+DEFAULT_HEADS = ("energy",)      # the paper's head; --heads energy,flow,diffusion adds the others
 
 # Named budgets: training FLOPs per stage-2 / AR model, autoencoder steps, evaluated tokens
 # per evaluation, tokenizer training characters. Sized on this 2-core CPU (about 25 GFLOP/s
 # for these models): tiny proves the pipeline in ~15 minutes, small is about an hour.
+# CALM's Brier-n is estimated from brier_samples head samples per position (the paper's
+# two-sample estimator is brier_samples=2; more samples, same expectation, less variance),
+# the AR baseline's with the paper's exact-probability estimator.
 BUDGETS = {
-    "tiny": dict(flops=1.0e12, ae_steps=200, eval_tokens=2048, tokenizer_chars=2_000_000),
-    "small": dict(flops=8.0e12, ae_steps=1500, eval_tokens=8192, tokenizer_chars=5_000_000),
-    "medium": dict(flops=4.0e13, ae_steps=3000, eval_tokens=32768, tokenizer_chars=5_000_000),
+    "tiny": dict(flops=1.0e12, ae_steps=200, eval_tokens=2048, tokenizer_chars=2_000_000,
+                 brier_samples=8),
+    "small": dict(flops=8.0e12, ae_steps=1500, eval_tokens=16384, tokenizer_chars=5_000_000,
+                  brier_samples=16),
+    "medium": dict(flops=4.0e13, ae_steps=3000, eval_tokens=65536, tokenizer_chars=5_000_000,
+                   brier_samples=16),
 }
 
 
@@ -79,7 +86,8 @@ def parse_args(argv=None):
                  help="second eval SPEC (default: wikitext103/test.jsonl); 'none' skips it.")
   p.add_argument("--workdir", default="/tmp/calm_quality", help="runs go to WORKDIR/<budget>/.")
   p.add_argument("--output", default=None, help="JSON (default: benchmarks/quality_<budget>.json).")
-  p.add_argument("--heads", default=",".join(HEADS), help="CALM heads, comma-separated.")
+  p.add_argument("--heads", default=",".join(DEFAULT_HEADS),
+                 help=f"CALM heads, comma-separated, among {','.join(HEADS)}.")
   p.add_argument("--checkpoints", type=int, default=4, help="evaluated checkpoints per model.")
   p.add_argument("--ae_steps", type=int, default=0, help="autoencoder steps (0: the budget's).")
   p.add_argument("--eval_tokens", type=int, default=0, help="tokens per evaluation (0: the budget's).")
@@ -145,17 +153,19 @@ def flops_per_step(config, ae_config):
     return bench_lib.train_step_flops(config, ae_config, mesh, rules)
 
 
-def _cached_eval(workdir, run, data, max_tokens, seed):
+def _cached_eval(workdir, run, data, max_tokens, seed, brier_samples=2):
   """evaluate_run of `run` on `data`, remembered in WORKDIR/quality_evals.jsonl."""
   path = os.path.join(workdir, "quality_evals.jsonl")
-  key = dict(step=int(run.step), data=data, max_tokens=max_tokens, seed=seed)
+  key = dict(step=int(run.step), data=data, max_tokens=max_tokens, seed=seed,
+             brier_samples=brier_samples)
   if os.path.exists(path):
     with open(path) as f:
       for line in filter(str.strip, f):
         row = json.loads(line)
         if row.get("key") == key:
           return row["result"]
-  result = evaluate.evaluate_run(run, data, max_tokens, seed, progress=False)
+  result = evaluate.evaluate_run(run, data, max_tokens, seed, progress=False,
+                                 brier_samples=brier_samples)
   with open(path, "a") as f:
     f.write(json.dumps({"key": key, "result": result}) + "\n")
   return result
@@ -164,7 +174,7 @@ def _cached_eval(workdir, run, data, max_tokens, seed):
 def _summary(result):
   keep = ("brier1", "brier2", "brier3", "brier4", "brierlm", "cross_entropy", "perplexity",
           "energy_loss", "flow_loss", "diffusion_loss", "token_accuracy", "token_accuracy_noisy",
-          "num_tokens")
+          "num_tokens", "brier_samples", "unigram")
   return {k: result[k] for k in keep if k in result}
 
 
@@ -173,15 +183,17 @@ def evaluate_model(workdir, args, per_step_flops):
   steps = restore.checkpoint_steps(workdir)
   run = restore.load_run(workdir, steps[0])
   curve = []
+  samples = args.preset["brier_samples"]
   for step in steps:
     result = _cached_eval(workdir, restore.restore_step(run, step), args.valid,
-                          args.preset["eval_tokens"], args.seed)
+                          args.preset["eval_tokens"], args.seed, samples)
     curve.append(dict(step=step, train_flops=step * per_step_flops, **_summary(result)))
-    print(f"  step {step}: valid BrierLM {100 * result['brierlm']:.2f}", flush=True)
+    print(f"  step {step}: valid BrierLM {result['brierlm']:.4f}, Brier-1 {result['brier1']:.4f} "
+          f"(unigram {result['unigram']['brier1']:.4f})", flush=True)
   final = {"valid": curve[-1]}
   if args.wikitext:
     final["wikitext"] = _summary(_cached_eval(workdir, run, args.wikitext,
-                                              args.preset["eval_tokens"], args.seed))
+                                              args.preset["eval_tokens"], args.seed, samples))
   return curve, final
 
 
@@ -201,14 +213,20 @@ def plot(result, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  for ax, key, label in ((axes[0], "brierlm", "BrierLM"), (axes[1], "brier1", "Brier-1")):
+  # BrierLM is already 100 x the geometric mean (the paper's scale); Brier-1 is shown x 100.
+  for ax, key, label, scale in ((axes[0], "brierlm", "BrierLM", 1), (axes[1], "brier1", "Brier-1 x 100", 100)):
     for name, model in result["models"].items():
       xs = [p["train_flops"] for p in model["curve"]]
-      ax.plot(xs, [100 * p[key] for p in model["curve"]], marker="o", label=name)
+      ax.plot(xs, [scale * p[key] for p in model["curve"]], marker="o", label=name)
+    if key == "brier1" and result["models"]:
+      first = next(iter(result["models"].values()))["curve"][-1]
+      ax.axhline(100 * first["unigram"]["brier1"], color="gray", ls="--", label="unigram")
+    ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (XLA cost analysis)")
-    ax.set_ylabel(f"{label} x 100 (corpus valid)")
+    ax.set_ylabel(f"{label} (corpus valid)")
     ax.grid(alpha=0.3)
   axes[0].legend()
+  axes[1].legend()
   fig.suptitle(f"CALM (K={K}) vs AR, tiny backbone, equal training FLOPs (budget "
                f"{result['budget']})")
   fig.tight_layout()
@@ -229,21 +247,32 @@ def tables(result):
   sigmas = list(ae.get("valid", {}).get("token_accuracy_noisy", {}))
   out = [bench_lib.format_table(["autoencoder (K=4)", "token acc %"] +
                                 [f"acc % sigma={s}" for s in sigmas], rows)]
-  header = ["model", "steps", "train FLOPs", "valid BrierLM", "valid Brier-1", "valid CE",
-            "wikitext BrierLM", "wikitext CE"]
+  header = ["model", "steps", "train FLOPs", "valid BrierLM", "valid Brier-1",
+            "unigram Brier-1", "valid CE", "wikitext BrierLM", "wikitext CE"]
   rows = []
   for name, model in result["models"].items():
     v, w = model["final"]["valid"], model["final"].get("wikitext", {})
     rows.append([name, model["steps"], bench_lib.fmt(model["train_flops"], ".3e"),
-                 bench_lib.fmt(100 * v["brierlm"], ".2f"), bench_lib.fmt(100 * v["brier1"], ".2f"),
+                 bench_lib.fmt(v["brierlm"], ".4f"), bench_lib.fmt(v["brier1"], ".4f"),
+                 bench_lib.fmt(v["unigram"]["brier1"], ".4f"),
                  bench_lib.fmt(v.get("cross_entropy"), ".3f"),
-                 bench_lib.fmt(100 * w["brierlm"] if "brierlm" in w else None, ".2f"),
+                 bench_lib.fmt(w.get("brierlm"), ".4f"),
                  bench_lib.fmt(w.get("cross_entropy"), ".3f")])
   out.append(bench_lib.format_table(header, rows))
   curve_rows = [[name, p["step"], bench_lib.fmt(p["train_flops"], ".3e"),
-                 bench_lib.fmt(100 * p["brierlm"], ".2f")]
+                 bench_lib.fmt(p["brierlm"], ".4f")]
                 for name, model in result["models"].items() for p in model["curve"]]
   out.append(bench_lib.format_table(["model", "step", "train FLOPs", "valid BrierLM"], curve_rows))
+  ar = result["models"].get("ar")
+  if ar:
+    ratio_rows = []
+    for name, model in result["models"].items():
+      if name != "ar":
+        ratio = (model["final"]["valid"]["brierlm"] / ar["final"]["valid"]["brierlm"]
+                 if ar["final"]["valid"]["brierlm"] > 0 else float("nan"))
+        ratio_rows.append([name, bench_lib.fmt(ratio, ".2f"), "pass" if ratio >= 0.5 else "FAIL"])
+    out.append(bench_lib.format_table(
+        ["model", "valid BrierLM / AR's at equal FLOPs", "target >= 0.5"], ratio_rows))
   return "\n\n".join(out)
 
 

@@ -115,7 +115,8 @@ def evaluate_run(run, data=None, max_tokens=None, seed=0, progress=True, brier_s
     accumulator = brier.BrierAccumulator()
     unigram_accumulator = brier.BrierAccumulator()
     if stage != "autoencoder":
-      p_V = unigram.token_frequencies(config, run.tokenizer, config.eval.unigram_tokens)
+      p_V, unigram_source = unigram.token_frequencies(config, run.tokenizer,
+                                                      config.eval.unigram_tokens)
       k = config.model.patch_size if stage == "calm" else 1
     totals, weight, num_tokens = {}, 0.0, 0
     rng = jax.random.key(seed)
@@ -156,6 +157,7 @@ def evaluate_run(run, data=None, max_tokens=None, seed=0, progress=True, brier_s
     unigram_accumulator.sums_N = unigram.all_processes_sum(unigram_accumulator.sums_N)
     unigram_accumulator.counts_N = unigram.all_processes_sum(unigram_accumulator.counts_N)
     result["unigram"] = unigram_accumulator.result()
+    result["unigram_source"] = unigram_source
   result.update(num_tokens=num_tokens, step=int(run.step), workdir=os.path.abspath(run.workdir),
                 block_len=int(config.eval.block_len), data=config.data.eval, seed=seed,
                 brier_samples=int(config.eval.brier_samples),

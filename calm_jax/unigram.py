@@ -8,21 +8,38 @@ frequency. Its Brier-n at a position with true continuation y_1..y_n is exact:
 so every BrierLM is reported beside the unigram one of the same positions
 (`calm-eval`, the quickstart, calm-diagnose): a CALM or AR run below it has not
 learned the data. p comes from the first `max_tokens` real tokens of the
-training split, as the model saw them (same tokenizer and packing).
+training split, as the model saw them (same tokenizer and packing); where the
+training data cannot be read here (a converted reference run trained on the Pile),
+from the eval data itself, which favours the baseline and says so in `source`.
 """
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
 from calm_jax import brier
 from calm_jax.data import pipeline
+from calm_jax.data import sources
 
 
 def token_frequencies(config, tokenizer, max_tokens):
-  """p_V (float64) of the first max_tokens real training tokens (mask 1) of every process."""
+  """(p_V float64, source): frequencies of the first max_tokens real training tokens.
+
+  source is "train", or "eval" with a warning when the training data cannot be read.
+  """
+  try:
+    return split_frequencies(config, tokenizer, max_tokens, "train"), "train"
+  except sources.DataError as e:
+    logging.warning("unigram baseline: the training data cannot be read (%s); its "
+                    "frequencies come from the eval data instead.", e)
+    return split_frequencies(config, tokenizer, max_tokens, "eval"), "eval"
+
+
+def split_frequencies(config, tokenizer, max_tokens, split):
+  """p_V (float64) of the first max_tokens real tokens (mask 1) of `split`, all processes."""
   counts_V = np.zeros(config.model.vocab_size, np.float64)
   seen = 0
-  for batch in pipeline.make_iterator(config, tokenizer, "train"):
+  for batch in pipeline.make_iterator(config, tokenizer, split):
     tokens = np.asarray(batch["tokens"])[np.asarray(batch["mask"]) > 0]
     np.add.at(counts_V, tokens, 1.0)
     seen += tokens.size
@@ -46,7 +63,7 @@ def brier_sums(p_V, tokens_BxL, mask_BxL, start, stride, n_max=brier.MAX_N):
   those tokens lie in the block with mask 1 (brier.ngram_valid): the positions the
   model's own estimator uses (CALM: start=stride=K; AR: start=1, stride=1).
   """
-  tokens_BxL, mask_BxL = np.asarray(tokens_BxL), np.asarray(mask_BxL)
+  tokens_BxL, mask_BxL = np.asarray(tokens_BxL, np.int32), np.asarray(mask_BxL)
   index = np.arange(start, tokens_BxL.shape[1], stride)
   y_BxPxN = np.asarray(brier.ngram_windows(tokens_BxL, n_max))[:, index]
   valid_BxPxN = np.asarray(brier.ngram_valid(mask_BxL, n_max))[:, index]

@@ -15,7 +15,7 @@ RNG = jax.random.key(0, impl="unsafe_rbg")
 def tiny_model(scan_layers=True):
   config = ar_baseline.get_config("size=tiny")
   config.model.update(vocab_size=48, hidden=32, mlp=64, layers=2, heads=4, kv_heads=2,
-                      scan_layers=scan_layers)
+                      scan_layers=scan_layers, init_std=0.02)
   return build_model(config)
 
 

@@ -6,8 +6,10 @@ import time
 import jax
 import pytest
 
+from calm_jax import diagnose
 from calm_jax import evaluate
 from calm_jax import quickstart
+from calm_jax import user_errors
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +55,41 @@ def test_rerun_reuses_finished_stages(quickstart_dir):
   assert again["calm_steps"] == summary["calm_steps"]
   assert again["seconds"]["tokenizer"] < 1.0          # the tokenizer file was kept
   assert time.perf_counter() - start < 120
+
+
+def test_summary_compares_calm_with_the_unigram_model(quickstart_dir):
+  _, summary = quickstart_dir
+  assert summary["calm_beats_unigram"] == (summary["calm_brier1"] > summary["unigram_brier1"])
+  assert 0.0 < summary["unigram_brier1"] < 1.0
+  assert summary["sample_temperature"] == 0.5
+
+
+def test_calm_eval_reports_the_unigram_model_at_the_same_positions(quickstart_dir, tmp_path):
+  workdir, _ = quickstart_dir
+  (calm,) = evaluate.main_eval(os.path.join(workdir, "calm"), max_tokens=256,
+                               output=str(tmp_path / "calm.json"), brier_samples=4)
+  assert calm["brier_samples"] == 4
+  assert set(calm["unigram"]) == {"brier1", "brier2", "brier3", "brier4", "brierlm"}
+  assert calm["unigram"]["brier1"] > calm["unigram"]["brier2"] > 0
+  assert "model/unigram" in evaluate.format_brier_comparison(calm)
+
+
+def test_calm_diagnose_places_the_run_among_the_oracles(quickstart_dir):
+  workdir, _ = quickstart_dir
+  calm_dir = os.path.join(workdir, "calm")
+  report = diagnose.diagnose(calm_dir, max_tokens=512, train_tokens=2048)
+  energy, geometry = report["energy"], report["autoencoder"]
+  assert energy["posterior"] < energy["marginal"]          # the true posterior is the floor
+  assert energy["posterior"] < energy["model"]
+  for key in ("accuracy_mean", "accuracy_posterior_sample", "accuracy_noise_0.3"):
+    assert 0.0 <= geometry[key] <= 1.0
+  assert geometry["posterior_std_median"] > 0
+  assert 0.0 <= report["model_real_chunk_fraction"] <= 1.0
+  assert report["verdict"].split(":")[0] in ("BRITTLE AUTOENCODER", "NO CONTEXT", "BELOW UNIGRAM",
+                                             "LEARNS")
+  assert report["eval"]["unigram"]["brier1"] > 0
+  with open(os.path.join(calm_dir, "diagnose.json")) as f:
+    assert json.load(f)["verdict"] == report["verdict"]
+  assert "verdict:" in diagnose.format_report(report)
+  with pytest.raises(user_errors.UserError, match="CALM"):
+    diagnose.diagnose(os.path.join(workdir, "autoencoder"), max_tokens=256, train_tokens=256)

@@ -36,14 +36,14 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "calm-tokenizer=calm_jax.data.train_tokenizer:run",
-            "calm-prepare=calm_jax.data.prepare:run",
-            "calm-train=calm_jax.train:run",
-            "calm-eval=calm_jax.evaluate:run",
-            "calm-generate=calm_jax.sampling:run",
-            "calm-quickstart=calm_jax.quickstart:run",
-            "calm-diagnose=calm_jax.diagnose:run",
-            "calm-convert=calm_jax.convert.cli:run",
+            "calm-tokenizer=calm_jax.cli.tokenizer:run",
+            "calm-prepare=calm_jax.cli.prepare:run",
+            "calm-train=calm_jax.cli.train:run",
+            "calm-eval=calm_jax.cli.eval:run",
+            "calm-generate=calm_jax.cli.generate:run",
+            "calm-quickstart=calm_jax.cli.quickstart:run",
+            "calm-diagnose=calm_jax.cli.diagnose:run",
+            "calm-convert=calm_jax.cli.convert:run",
         ]
     },
 )

@@ -2,7 +2,7 @@
 
 Both benchmarks compare the AR baseline and CALM on the same backbone (hidden size
 and depth from experiments/common.BACKBONES). FLOPs come from XLA's cost analysis
-of the compiled train step (calm_jax.aot.compile_train_step). XLA counts the body
+of the compiled train step (calm_jax.training.compile.compile_train_step). XLA counts the body
 of a while loop once, whatever its trip count, so the scanned layer stack that
 the experiments use (config.model.scan_layers=True) is undercounted by
 (layers - 1) layers (measured: tiny AR, 2 layers, 13.5 vs 20.5 GFLOP per step):
@@ -20,11 +20,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from calm_jax import aot
-from calm_jax import config_lib
-from calm_jax import sharding
-from calm_jax import steps as steps_lib
-from calm_jax import train
+from calm_jax import config as config_lib
+from calm_jax import runs
+from calm_jax.parallel import sharding
+from calm_jax.training import compile as compile_lib
+from calm_jax.training import state as state_lib
+from calm_jax.training import steps as steps_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, "experiments")
@@ -83,8 +84,8 @@ def param_groups(trainable, frozen):
   counts["other"] = 0
   for key, subtree in tree.items():
     group = next((g for g, keys in PARAM_GROUPS.items() if key in keys), "other")
-    counts[group] += train.param_count(subtree)
-  counts["trainable"] = train.param_count(trainable)
+    counts[group] += runs.param_count(subtree)
+  counts["trainable"] = runs.param_count(trainable)
   return counts
 
 
@@ -92,8 +93,8 @@ def train_step_flops(config, ae_config, mesh, axis_rules):
   """FLOPs of one train step (all devices) from XLA's cost analysis of the unrolled layer stack."""
   unrolled = config.copy_and_resolve_references()
   unrolled.model.scan_layers = False
-  parts = train.build(unrolled, mesh, axis_rules, ae_config=ae_config)
-  report = aot.compile_train_step(unrolled, parts, mesh, axis_rules)
+  parts = state_lib.build(unrolled, mesh, axis_rules, ae_config=ae_config)
+  report = compile_lib.compile_train_step(unrolled, parts, mesh, axis_rules)
   per_device = report.get("flops_per_step_per_device")
   return per_device * report["devices"] if per_device is not None else None
 
@@ -109,29 +110,23 @@ def random_batch(config, seed=0):
 class TrainBench:
   """A compiled train step with random params (and a random frozen autoencoder for CALM).
 
-  Use inside sharding.activate(mesh, rules). Attributes: parts (train.build),
+  Use inside sharding.activate(mesh, rules). Attributes: parts (training.state.build),
   compiled, state, frozen, flops_per_step (train_step_flops), compile_s, params.
   """
 
   def __init__(self, config, ae_config, mesh, axis_rules, seed=0):
     self.config = config
-    self.parts = parts = train.build(config, mesh, axis_rules, ae_config=ae_config)
+    self.parts = parts = state_lib.build(config, mesh, axis_rules, ae_config=ae_config)
     self.params = param_groups(parts["abstract_state"].params, parts["abstract_frozen"])
-    self.state = train.init_state(parts, seed)
+    self.state = state_lib.init_state(parts, seed)
 
     def frozen_init(rng):
-      return steps_lib.split_frozen(nn.unbox(parts["init_params"](rng)))[1]
+      return runs.split_frozen(nn.unbox(parts["init_params"](rng)))[1]
 
     self.frozen = jax.jit(frozen_init, out_shardings=parts["frozen_shardings"])(
         jax.random.key(seed + 1))
     self.batch_sharding = sharding.batch_sharding(mesh, axis_rules)
-    replicated = sharding.replicated(mesh)
-    step = jax.jit(
-        steps_lib.make_train_step(parts["model"], parts["tx"], parts["schedule"],
-                                  config.train.grad_accum_steps),
-        in_shardings=(parts["state_shardings"], parts["frozen_shardings"], self.batch_sharding,
-                      replicated),
-        out_shardings=(parts["state_shardings"], replicated), donate_argnums=(0,))
+    step = steps_lib.jit_train_step(parts, mesh, axis_rules, config.train.grad_accum_steps)
     self.batch = sharding.to_global_batch(random_batch(config, seed), self.batch_sharding)
     self.rng = jax.random.key(seed)
     start = time.perf_counter()
@@ -184,6 +179,15 @@ def write_json(path, data):
     json.dump(data, f, indent=2)
   os.replace(tmp, path)
   return path
+
+
+def finish(result, output, tables, extra_files=""):
+  """Records the end-of-run load, writes `result` to `output`, prints the tables: the result."""
+  result["machine"]["load_average_end"] = machine_info().get("load_average_1_5_15")
+  write_json(output, result)
+  print("\n" + tables)
+  print(f"\nwrote {output}{extra_files}")
+  return result
 
 
 def format_table(header, rows):

@@ -9,10 +9,10 @@ A small-scale replication of the paper's comparison, in this process:
      budget's autoencoder steps; its token accuracy (posterior mean, and with Gaussian
      noise on z at config.eval.noise_sigmas) on the validation corpus and WikiText-103;
   3. the AR baseline and CALM with each head (experiments/*.py:size=tiny, the same
-     backbone), each trained with calm_jax.train.train_and_evaluate for the same training
+     backbone), each trained with calm_jax.training.loop.train_and_evaluate for the same training
      FLOPs: steps = budget / (FLOPs of one train step from XLA's cost analysis,
      benchmarks/bench_lib.train_step_flops), checkpointed --checkpoints times;
-  4. BrierLM (calm_jax.evaluate.evaluate_run, the calm-eval code) of every checkpoint on
+  4. BrierLM (calm_jax.eval.evaluator.evaluate_run, the calm-eval code) of every checkpoint on
      the validation corpus and of the last one on WikiText-103, the AR baseline's
      cross-entropy beside its BrierLM; a PNG of BrierLM against training FLOPs.
 Runs live in --workdir/<budget>/ and are reused: a finished run is not retrained and a
@@ -31,12 +31,13 @@ if __package__ in (None, ""):         # `python benchmarks/quality.py`: the repo
 
 
 from benchmarks import bench_lib  # pylint: disable=g-import-not-at-top
-from calm_jax import evaluate  # pylint: disable=g-import-not-at-top
-from calm_jax import restore  # pylint: disable=g-import-not-at-top
-from calm_jax import sharding  # pylint: disable=g-import-not-at-top
-from calm_jax import train  # pylint: disable=g-import-not-at-top
+from calm_jax import runs  # pylint: disable=g-import-not-at-top
+from calm_jax import stages  # pylint: disable=g-import-not-at-top
 from calm_jax.data import sources  # pylint: disable=g-import-not-at-top
 from calm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+from calm_jax.eval import evaluator  # pylint: disable=g-import-not-at-top
+from calm_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+from calm_jax.training import loop  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(bench_lib.REPO), "shared", "data")
@@ -135,7 +136,7 @@ def train_autoencoder(args, root, tokenizer_path):
                    args.preset["ae_steps"], 1)
   workdir = os.path.join(root, "autoencoder")
   start = time.perf_counter()
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   return config, workdir, time.perf_counter() - start
 
 
@@ -164,8 +165,8 @@ def _cached_eval(workdir, run, data, max_tokens, seed, brier_samples=2):
         row = json.loads(line)
         if row.get("key") == key:
           return row["result"]
-  result = evaluate.evaluate_run(run, data, max_tokens, seed, progress=False,
-                                 brier_samples=brier_samples)
+  result = evaluator.evaluate_run(run, data, max_tokens, seed, progress=False,
+                                  brier_samples=brier_samples)
   with open(path, "a") as f:
     f.write(json.dumps({"key": key, "result": result}) + "\n")
   return result
@@ -180,12 +181,12 @@ def _summary(result):
 
 def evaluate_model(workdir, args, per_step_flops):
   """BrierLM at every checkpoint on the validation set, the last one on WikiText too."""
-  steps = restore.checkpoint_steps(workdir)
-  run = restore.load_run(workdir, steps[0])
+  steps = runs.checkpoint_steps(workdir)
+  run = runs.open_run(workdir, steps[0])
   curve = []
   samples = args.preset["brier_samples"]
   for step in steps:
-    result = _cached_eval(workdir, restore.restore_step(run, step), args.valid,
+    result = _cached_eval(workdir, runs.restore_step(run, step), args.valid,
                           args.preset["eval_tokens"], args.seed, samples)
     curve.append(dict(step=step, train_flops=step * per_step_flops, **_summary(result)))
     print(f"  step {step}: valid BrierLM {result['brierlm']:.4f}, Brier-1 {result['brier1']:.4f} "
@@ -198,7 +199,7 @@ def evaluate_model(workdir, args, per_step_flops):
 
 
 def evaluate_autoencoder(workdir, args):
-  run = restore.load_run(workdir)
+  run = runs.open_run(workdir)
   out = {"step": run.step}
   for label, data in (("valid", args.valid), ("wikitext", args.wikitext)):
     if data:
@@ -306,7 +307,7 @@ def run(args):
 
   for name in ["ar"] + [f"calm_{h}" for h in args.heads]:
     config = stage2_config(name)
-    is_calm = config.stage == "calm"
+    is_calm = stages.get(config).needs_autoencoder
     if is_calm:
       config.autoencoder.workdir = os.path.abspath(ae_dir)
     per_step = flops_per_step(config, ae_config if is_calm else None)
@@ -315,7 +316,7 @@ def run(args):
     print(f"== {name}: {per_step:.3e} FLOPs/step -> {steps} steps", flush=True)
     workdir = os.path.join(root, name)
     start = time.perf_counter()
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     result["seconds"][f"train_{name}"] = time.perf_counter() - start
     start = time.perf_counter()
     curve, final = evaluate_model(workdir, args, per_step)
@@ -325,11 +326,7 @@ def run(args):
     bench_lib.write_json(args.output, result)
 
   result["plot"] = plot(result, os.path.splitext(args.output)[0] + ".png")
-  result["machine"]["load_average_end"] = bench_lib.machine_info().get("load_average_1_5_15")
-  bench_lib.write_json(args.output, result)
-  print("\n" + tables(result))
-  print(f"\nwrote {args.output} and {result['plot']}")
-  return result
+  return bench_lib.finish(result, args.output, tables(result), f" and {result['plot']}")
 
 
 def main(argv=None):

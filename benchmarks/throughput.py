@@ -13,7 +13,7 @@ depend on trained weights):
     frozen encoder that makes its targets), and MFU against --peak_tflops;
   * parameters: backbone (transformer) / head (energy head, or the AR lm_head) /
     compression (token embedding + CALM's input MLP) / frozen autoencoder;
-  * generation (calm_jax.generation, KV cache, one jitted loop): tokens/s of a
+  * generation (calm_jax.sampling.decode, KV cache, one jitted loop): tokens/s of a
     --gen_tokens continuation of a 16-token prompt at each --gen_batches, CALM at
     T = 1 (one head draw per chunk) and T = 1/2 (batch approximation over
     --batch_approx_samples draws, default config.sampling's), the AR baseline at
@@ -37,14 +37,14 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from benchmarks import bench_lib  # pylint: disable=g-import-not-at-top
-from calm_jax import generation  # pylint: disable=g-import-not-at-top
-from calm_jax import sharding  # pylint: disable=g-import-not-at-top
 from calm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+from calm_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+from calm_jax.sampling import decode  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT_LEN = 16
 # The benchmark models use calm-tokenizer's SentencePiece ids.
-SPECIAL = generation.SpecialIds(eos=tokenizer_lib.EOS_ID, pad=tokenizer_lib.PAD_ID)
+SPECIAL = decode.SpecialIds(eos=tokenizer_lib.EOS_ID, pad=tokenizer_lib.PAD_ID)
 # (label, temperature, CALM sampling method); AR uses the same temperatures.
 GEN_SETTINGS = (("T=1", 1.0, "batch_approx"), ("T=1/2", 0.5, "batch_approx"))
 RATIO_K = 4
@@ -147,18 +147,18 @@ def measure_generation(name, bench, args):
     row = {}
     for label, temperature, method in GEN_SETTINGS:
       if name == "ar":
-        prompt = np.tile(generation.ar_prompt(ids, SPECIAL.eos)[None], (batch, 1))
-        jitted = generation.make_ar_generate(model, max_tokens=args.gen_tokens,
+        prompt = np.tile(decode.ar_prompt(ids, SPECIAL.eos)[None], (batch, 1))
+        jitted = decode.make_ar_generate(model, max_tokens=args.gen_tokens,
                                              temperature=temperature, top_k=0,
                                              ids=SPECIAL)
       else:
-        prompt = np.tile(generation.calm_prompt(ids, k, SPECIAL.eos).reshape(1, -1, k), (batch, 1, 1))
-        spec = generation.frozen_sampling(config.sampling, temperature=temperature,
+        prompt = np.tile(decode.calm_prompt(ids, k, SPECIAL.eos).reshape(1, -1, k), (batch, 1, 1))
+        spec = decode.frozen_sampling(config.sampling, temperature=temperature,
                                           max_tokens=args.gen_tokens, num_samples=batch,
                                           method=method)
         if args.batch_approx_samples:
           spec = spec._replace(batch_approx_samples=args.batch_approx_samples)
-        jitted = generation.make_calm_generate(model, num_chunks=args.gen_tokens // k,
+        jitted = decode.make_calm_generate(model, num_chunks=args.gen_tokens // k,
                                                sampling=spec, ids=SPECIAL)
       full_steps = args.gen_tokens // (1 if name == "ar" else k)
       seconds, times, steps, seed = _time_generation(jitted, params, prompt, args.seed,
@@ -281,12 +281,8 @@ def run(args):
         result["ratios"] = ratios(result["models"])
         bench_lib.write_json(args.output, result)
       del bench
-  result["machine"]["load_average_end"] = bench_lib.machine_info().get("load_average_1_5_15")
   result["ratios"] = ratios(result["models"])
-  bench_lib.write_json(args.output, result)
-  print("\n" + tables(result))
-  print(f"\nwrote {args.output}")
-  return result
+  return bench_lib.finish(result, args.output, tables(result))
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ checkpoint (calm-convert) holds `params` only and its workdir has CONVERTED_FILE
 starts other runs (config.init_from, config.autoencoder.workdir) and is evaluated, never
 resumed. Orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-write never
-leaves a checkpoint that `latest_step` would pick (the temporary directories
+leaves a checkpoint that `all_steps` would list (the temporary directories
 are removed when the next run starts); a checkpoint that fails to restore is
 reported by name, moved to WORKDIR/checkpoints.broken/, and the previous one is used.
 """
@@ -23,13 +23,13 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from calm_jax import user_errors
+from calm_jax import errors
 
 ITEMS = ("params", "train_state", "data_iter")
 CONVERTED_FILE = "converted.json"     # provenance of a converted (params-only) workdir
 
 
-class CheckpointError(user_errors.UserError):
+class CheckpointError(errors.UserError):
   """No usable checkpoint where one was required."""
 
 
@@ -103,9 +103,6 @@ class Checkpointer:
 
   def all_steps(self):
     return sorted(self.manager.all_steps())
-
-  def latest_step(self):
-    return self.manager.latest_step()
 
   def save(self, step, params, train_state, data_iter, force=False):
     """Saves if `step` is due (or force); returns whether a save started."""

@@ -44,7 +44,7 @@ if ! [[ "$DEVICES" =~ ^[1-9][0-9]*$ ]]; then
 fi
 read -r -a TRAIN_CMD <<< "${CALM_TRAIN:-calm-train}"
 if [[ ${#TRAIN_CMD[@]} -eq 0 ]]; then
-  die "CALM_TRAIN is empty; unset it or set it to e.g. 'python -m calm_jax.train'."
+  die "CALM_TRAIN is empty; unset it or set it to e.g. 'python -m calm_jax.cli.train'."
 fi
 
 free_port() {

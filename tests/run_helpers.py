@@ -2,7 +2,7 @@
 import json
 import os
 
-from calm_jax import config_lib
+from calm_jax import config as config_lib
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 

@@ -3,10 +3,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from calm_jax.models import build_model
+from calm_jax.stages import build_model
 from calm_jax.models.losses import cross_entropy
 from experiments import ar_baseline
+
+pytestmark = pytest.mark.unit
 
 # unsafe_rbg keys: XLA compiles their random init far faster than threefry on CPU.
 RNG = jax.random.key(0, impl="unsafe_rbg")

@@ -6,8 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from calm_jax.models import autoencoder, build_model
+from calm_jax.models import autoencoder
+from calm_jax.stages import build_model
 from experiments import autoencoder as ae_experiment
+
+pytestmark = pytest.mark.unit
 
 # unsafe_rbg keys: XLA compiles their random init far faster than threefry on CPU.
 RNG = jax.random.key(0, impl="unsafe_rbg")

@@ -7,6 +7,8 @@ from benchmarks import bench_lib
 from benchmarks import quality
 from benchmarks import throughput
 
+pytestmark = pytest.mark.integration
+
 
 def test_throughput_defaults():
   args = throughput.parse_args([])

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import brier
+from calm_jax.eval import brier
+
+pytestmark = pytest.mark.unit
 
 VOCAB = 3
 N_MAX = 4

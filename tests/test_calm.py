@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax.models import build_model
+from calm_jax.stages import build_model
 from experiments import autoencoder as ae_experiment
 from experiments import calm as calm_experiment
+
+pytestmark = pytest.mark.unit
 
 # unsafe_rbg keys: XLA compiles their random init far faster than threefry on CPU.
 RNG = jax.random.key(0, impl="unsafe_rbg")

@@ -11,9 +11,9 @@ Each trains on one CPU device with the tiny recipes, shortened.
 import jax
 import pytest
 
-from calm_jax import evaluate
-from calm_jax import restore
-from calm_jax import train
+from calm_jax.eval import evaluator
+from calm_jax import runs
+from calm_jax.training import loop
 from tests import run_helpers
 from tests import synthetic
 
@@ -22,7 +22,7 @@ SYMBOLS = 64
 
 
 def _train(config, workdir):
-  train.train_and_evaluate(config, str(workdir), jax.devices()[:1])
+  loop.train_and_evaluate(config, str(workdir), jax.devices()[:1])
   return str(workdir)
 
 
@@ -42,8 +42,8 @@ def _stage_configs(tokenizer_path, vocab, k, train_spec, eval_spec, seq_len, ae_
 
 
 def _evaluate(calm_dir, max_tokens):
-  run = restore.load_run(calm_dir, devices=jax.devices()[:1])
-  return evaluate.evaluate_run(run, max_tokens=max_tokens, progress=False)
+  run = runs.open_run(calm_dir, devices=jax.devices()[:1])
+  return evaluator.evaluate_run(run, max_tokens=max_tokens, progress=False)
 
 
 def test_calm_predicts_a_deterministic_next_chunk(tmp_path, tiny_tokenizer_path):

@@ -4,7 +4,10 @@ import os
 
 import pytest
 
-from calm_jax import config_lib
+from calm_jax import config as config_lib
+from calm_jax import stages
+
+pytestmark = pytest.mark.unit
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
@@ -26,7 +29,7 @@ def test_every_variant_validates(variant):
   config = _load(variant)
   if config.stage == "calm":
     config.autoencoder.workdir = "/some/run"
-  config_lib.validate(config)
+  stages.validate(config)
 
 
 def test_paper_sizes():
@@ -55,17 +58,17 @@ def test_validation_errors(field, value, message):
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(config)
+    stages.validate(config)
 
 
 def test_calm_requires_autoencoder_and_sane_beta():
   config = _load("calm.py:size=tiny")
   with pytest.raises(config_lib.ConfigError, match="config.autoencoder.workdir"):
-    config_lib.validate(config)
+    stages.validate(config)
   config.autoencoder.workdir = "/x"
   config.model.beta = 2.0
   with pytest.raises(config_lib.ConfigError, match="strictly proper"):
-    config_lib.validate(config)
+    stages.validate(config)
 
 
 def test_save_load_roundtrip_and_changes(tmp_path):
@@ -84,7 +87,7 @@ def test_autoencoder_mismatch_message():
   calm = _load("calm.py:size=tiny,K=2")
   ae = _load("autoencoder.py:size=tiny")
   with pytest.raises(config_lib.ConfigError, match=r"config.model.patch_size=2 does not match"):
-    config_lib.check_autoencoder_compatible(calm, ae, "/runs/ae")
+    stages.check_autoencoder_compatible(calm, ae, "/runs/ae")
 
 
 def test_missing_workdir_config(tmp_path):

@@ -12,8 +12,10 @@ from calm_jax.convert import hf_files
 from calm_jax.convert import keymap
 from calm_jax.convert import safetensors_io
 from calm_jax.convert import workdirs
-from calm_jax.tools import reference_check
+from calm_jax.convert import reference_check
 from tests import fixture_maker
+
+pytestmark = pytest.mark.unit
 
 SIZES = dict(batch=2, length=16, seed=3,
              autoencoder=dict(vocab_size=61, hidden_size=24, intermediate_size=40,

@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 
 from calm_jax import checkpoint
-from calm_jax import config_lib
-from calm_jax import evaluate
-from calm_jax import generation
-from calm_jax import restore
-from calm_jax import sampling
-from calm_jax import train
+from calm_jax import config as config_lib
+from calm_jax.cli import eval as cli_eval
+from calm_jax.sampling import decode
+from calm_jax import runs
+from calm_jax.sampling import generate
+from calm_jax.training import loop
 from calm_jax.convert import ConvertError
 from calm_jax.convert import workdirs
 from calm_jax.data import tokenizer as tokenizer_lib
-from calm_jax.models import build_model
+from calm_jax.stages import build_model
 from tests import fixture_maker
 from tests.test_reference import GOLDEN, needs_golden
 
@@ -76,7 +76,7 @@ def test_the_workdir_links_its_autoencoder_and_tokenizer(hf, converted, tmp_path
 def test_restored_params_compute_the_fixture_outputs(converted):
   """The orbax checkpoint (scanned layers) holds the reference's weights: outputs to 1e-5."""
   workdir, _ = converted
-  run = restore.load_run(workdir, devices=jax.devices()[:1])
+  run = runs.open_run(workdir, devices=jax.devices()[:1])
   config = run.config.copy_and_resolve_references()
   config.train.compute_dtype = "float32"
   model = build_model(config, run.ae_config.model)
@@ -107,19 +107,19 @@ def test_calm_eval_and_generate(converted, tmp_path):
   copy = str(tmp_path / "calm")
   shutil.copytree(workdir, copy)
   _shorter_eval(copy)
-  [result] = evaluate.main_eval(copy, data="builtin:python_docs:valid", max_tokens=200,
+  [result] = cli_eval.main_eval(copy, data="builtin:python_docs:valid", max_tokens=200,
                                 output=str(tmp_path / "eval.json"))
   assert result["stage"] == "calm" and result["num_tokens"] >= 200
   assert all(np.isfinite(result[f"brier{n}"]) for n in range(1, 5))
   assert np.isfinite(result["energy_loss"]) and result["brierlm"] >= 0
-  [ae_result] = evaluate.main_eval(os.path.join(workdir, "autoencoder"),
+  [ae_result] = cli_eval.main_eval(os.path.join(workdir, "autoencoder"),
                                    data="builtin:python_docs:valid", max_tokens=200,
                                    output=str(tmp_path / "ae_eval.json"))
   assert 0.0 <= ae_result["token_accuracy"] <= 1.0
-  run = restore.load_run(copy)
-  spec = generation.frozen_sampling(run.config.sampling, temperature=1.0, max_tokens=8,
+  run = runs.open_run(copy)
+  spec = decode.frozen_sampling(run.config.sampling, temperature=1.0, max_tokens=8,
                                     num_samples=2)
-  out = sampling.generate(run, "The function returns", spec)
+  out = generate.generate(run, "The function returns", spec)
   assert len(out["texts"]) == 2 and all(len(t) <= 8 for t in out["tokens"])
   assert all(0 <= i < 256 and i != run.tokenizer.pad_id for t in out["tokens"] for i in t)
 
@@ -142,19 +142,19 @@ def test_fine_tune_with_init_from(converted, tmp_path):
   config = _tiny_calm_config(workdir)
   config.init_from = workdir + ":0"
   config.optim.update(lr=0.0, weight_decay=0.0)    # no update: the saved params are the converted
-  train.train_and_evaluate(config, str(tmp_path / "ft0"), devices=jax.devices()[:1])
-  run = restore.load_run(str(tmp_path / "ft0"), devices=jax.devices()[:1])
+  loop.train_and_evaluate(config, str(tmp_path / "ft0"), devices=jax.devices()[:1])
+  run = runs.open_run(str(tmp_path / "ft0"), devices=jax.devices()[:1])
   trainable = {k: v for k, v in run.params.items() if k != "autoencoder"}
   assert checkpoint.params_digest(trainable) == summary["digest"]
   config = _tiny_calm_config(workdir)
   config.init_from = workdir
-  metrics = train.train_and_evaluate(config, str(tmp_path / "ft"), devices=jax.devices()[:1])
+  metrics = loop.train_and_evaluate(config, str(tmp_path / "ft"), devices=jax.devices()[:1])
   assert np.isfinite(metrics["loss"])
   config = _tiny_calm_config(workdir)
   config.init_from = workdir
   config.model.layers = 1
   with pytest.raises(config_lib.ConfigError, match="do not fit this model"):
-    train.train_and_evaluate(config, str(tmp_path / "bad"), devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, str(tmp_path / "bad"), devices=jax.devices()[:1])
 
 
 def test_stage_two_on_the_converted_autoencoder(converted, tmp_path):
@@ -168,19 +168,19 @@ def test_stage_two_on_the_converted_autoencoder(converted, tmp_path):
   config.data.update(tokenizer="", vocab_size=256, train="builtin:python_docs", seq_len=32)
   config.train.update(batch_size=4, steps=2, log_every=1, eval_every=0)
   config.checkpoint.update(every_steps=2, async_save=False)
-  metrics = train.train_and_evaluate(config, str(tmp_path / "s2"), devices=jax.devices()[:1])
+  metrics = loop.train_and_evaluate(config, str(tmp_path / "s2"), devices=jax.devices()[:1])
   assert np.isfinite(metrics["loss"])
   assert config_lib.load_config(str(tmp_path / "s2")).data.tokenizer == conv.data.tokenizer
   config.autoencoder.digest = "0" * 64
   with pytest.raises(config_lib.ConfigError, match="different autoencoder"):
-    train.train_and_evaluate(config, str(tmp_path / "s2_bad"), devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, str(tmp_path / "s2_bad"), devices=jax.devices()[:1])
 
 
 def test_a_converted_workdir_is_not_resumed(converted):
   workdir, _ = converted
   config = _tiny_calm_config(workdir)
   with pytest.raises(checkpoint.CheckpointError, match="--config.init_from="):
-    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
 
 def test_export_reproduces_every_reference_parameter_bit_for_bit(hf, converted, tmp_path):
@@ -257,13 +257,13 @@ def test_pytorch_model_bin(hf, converted, tmp_path):
 def test_calm_convert_command_line(hf, tmp_path):
   out = str(tmp_path / "cli_ae")
   result = subprocess.run(
-      [sys.executable, "-m", "calm_jax.convert.cli", "--input", hf["ae"], "--output", out],
+      [sys.executable, "-m", "calm_jax.cli.convert", "--input", hf["ae"], "--output", out],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Converted the autoencoder into" in result.stdout
   again = subprocess.run(
-      [sys.executable, "-m", "calm_jax.convert.cli", "--input", hf["ae"], "--output", out],
+      [sys.executable, "-m", "calm_jax.cli.convert", "--input", hf["ae"], "--output", out],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert again.returncode == 1 and "already holds a run" in again.stderr

@@ -6,6 +6,14 @@ import pytest
 
 from calm_jax.models import energy_score
 
+pytestmark = pytest.mark.unit
+
+
+def energy_loss(x_NxBxl, y_MxBxl, beta):
+  """Per-position energy loss 2 * fidelity - diversity, as the energy head computes it."""
+  fidelity_B, diversity_B = energy_score.energy_terms(x_NxBxl, y_MxBxl, beta)
+  return 2.0 * fidelity_B - diversity_B
+
 
 def _double_loop(x_NxBxl, y_MxBxl, beta):
   """The estimator written the slow, obvious way, in float64."""
@@ -30,7 +38,7 @@ def test_matches_double_loop(beta):
   x = rng.normal(size=(5, 3, 7)) + 20.0
   y = rng.normal(size=(11, 3, 7)) * 0.7 + 20.3
   want, want_fid, want_div = _double_loop(x, y, beta)
-  got = energy_score.energy_loss(jnp.asarray(x), jnp.asarray(y), beta)
+  got = energy_loss(jnp.asarray(x), jnp.asarray(y), beta)
   fid, div = energy_score.energy_terms(jnp.asarray(x), jnp.asarray(y), beta)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(fid, want_fid, rtol=1e-4)
@@ -53,7 +61,7 @@ def test_true_distribution_scores_best():
       "narrow": mean + 0.5 * std * eps,
       "wide": mean + 1.5 * std * eps,
   }
-  scores = {k: float(energy_score.energy_loss(v, y, 1.0).mean()) for k, v in candidates.items()}
+  scores = {k: float(energy_loss(v, y, 1.0).mean()) for k, v in candidates.items()}
   for name, score in scores.items():
     if name != "true":
       assert scores["true"] < score, scores
@@ -67,7 +75,7 @@ def test_gradient_finite_when_samples_coincide(beta):
 
   def loss(offset):
     x = jnp.zeros((4, 2, 3)) + offset
-    return energy_score.energy_loss(x, y, beta).mean()
+    return energy_loss(x, y, beta).mean()
 
   value, grad = jax.value_and_grad(loss)(jnp.zeros((3,)))
   assert np.isfinite(value)
@@ -77,7 +85,7 @@ def test_gradient_finite_when_samples_coincide(beta):
 
 def test_needs_two_model_samples():
   with pytest.raises(ValueError, match="num_model_samples"):
-    energy_score.energy_loss(jnp.zeros((1, 2, 3)), jnp.zeros((4, 2, 3)), 1.0)
+    energy_loss(jnp.zeros((1, 2, 3)), jnp.zeros((4, 2, 3)), 1.0)
 
 
 def test_memory_stays_below_the_direct_difference_tensor():
@@ -85,7 +93,7 @@ def test_memory_stays_below_the_direct_difference_tensor():
   n, m, b, l = 8, 100, 256, 64
   x = jax.ShapeDtypeStruct((n, b, l), jnp.float32)
   y = jax.ShapeDtypeStruct((m, b, l), jnp.float32)
-  grad_fn = jax.jit(jax.value_and_grad(lambda x, y: energy_score.energy_loss(x, y, 1.0).mean()))
+  grad_fn = jax.jit(jax.value_and_grad(lambda x, y: energy_loss(x, y, 1.0).mean()))
   memory = grad_fn.lower(x, y).compile().memory_analysis()
   if memory is None:
     pytest.skip("this backend reports no memory analysis")

@@ -9,12 +9,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from calm_jax import config_lib
-from calm_jax import eval_lib
-from calm_jax import evaluate
-from calm_jax import train
+from calm_jax import config as config_lib
+from calm_jax.eval import terms as eval_terms
+from calm_jax.cli import eval as cli_eval
+from calm_jax.training import loop
 from calm_jax.models.ar import ARLanguageModel
 from experiments import common
+
+pytestmark = pytest.mark.integration
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 N = 4
@@ -78,12 +80,12 @@ def test_ar_estimator_matches_exact_enumeration(tiny_ar):
   model, params = tiny_ar
   tokens_BxL = np.array([[3, 1, 4, 1, 0, 2, 2], [2, 0, 4, 4, 3, 1, 0]], np.int32)
   batch = {"tokens": tokens_BxL, "mask": np.ones_like(tokens_BxL)}
-  cond = lambda s: jax.nn.log_softmax(model.apply({"params": params}, s, method="logits"))
+  cond = lambda s: jax.nn.log_softmax(model.apply({"params": params}, s, method=model.logits))
   exact, exact_counts = exact_brier(jax.jit(cond), tokens_BxL)
   assert np.all(np.abs(exact) > 1e-3) and exact[0] < 0.9     # a non-trivial distribution
 
   seeds = 64
-  terms = jax.jit(jax.vmap(lambda r: eval_lib.ar_terms(model, params, batch, r, position_batch=8)))
+  terms = jax.jit(jax.vmap(lambda r: eval_terms.ar_terms(model, params, batch, r, position_batch=8)))
   sums, counts, ce_sum, ce_count = jax.device_get(terms(jax.random.split(jax.random.key(0), seeds)))
   np.testing.assert_array_equal(counts[0], exact_counts)  # positions without a full target excluded
   est = sums / counts[0]
@@ -103,9 +105,9 @@ class _Bigram:
     self.v = self.w.shape[0]
     self.config = ml_collections.ConfigDict(dict(patch_size=k or 1))
 
-  def apply(self, variables, *args, method="__call__", rngs=None, train=None):
+  def apply(self, variables, *args, method=None, rngs=None, train=None):
     del variables, train
-    return getattr(self, method)(*args, rngs=rngs)
+    return (method or self.__call__)(*args, rngs=rngs)
 
   def init_cache(self, batch_size, max_len, rngs=None):
     return {"pos": jnp.zeros((), jnp.int32)}
@@ -139,6 +141,9 @@ class _BigramCALM(_Bigram):
   def decode_latent(self, z_xl, rngs=None):
     return z_xl.reshape(z_xl.shape[:-1] + (self.config.patch_size, self.v))
 
+  def sample_chunk(self, h_xV, rngs=None):
+    return jnp.argmax(self.decode_latent(self.sample_latent(h_xV, rngs)), -1).astype(jnp.int32)
+
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_calm_and_ar_estimators_agree_on_one_distribution(k):
@@ -156,7 +161,7 @@ def test_calm_and_ar_estimators_agree_on_one_distribution(k):
     est = sums / counts[0]
     return est.mean(0), est.std(0) / np.sqrt(seeds), counts[0]
 
-  calm_mean, calm_err, calm_counts = estimate(eval_lib.calm_terms, _BigramCALM(w, k))
+  calm_mean, calm_err, calm_counts = estimate(eval_terms.calm_terms, _BigramCALM(w, k))
   # CALM's position j is the state after chunk j, i.e. after token t = (j + 1) K - 1.
   positions = range(k - 1, tokens_BxL.shape[1] - k, k)
   exact, exact_counts = exact_brier(lambda s: jax.nn.log_softmax(jnp.asarray(w))[s], tokens_BxL,
@@ -164,7 +169,7 @@ def test_calm_and_ar_estimators_agree_on_one_distribution(k):
   np.testing.assert_array_equal(calm_counts, exact_counts)
   np.testing.assert_allclose(calm_mean, exact, atol=4 * calm_err.max() + 1e-6)
   if k == 1:      # the same positions as the AR estimator, which must agree too
-    ar_mean, ar_err, ar_counts = estimate(eval_lib.ar_terms, _BigramAR(w))
+    ar_mean, ar_err, ar_counts = estimate(eval_terms.ar_terms, _BigramAR(w))
     np.testing.assert_array_equal(calm_counts, ar_counts)
     np.testing.assert_allclose(calm_mean, ar_mean,
                                atol=4 * np.sqrt(ar_err ** 2 + calm_err ** 2).max() + 1e-6)
@@ -184,13 +189,13 @@ def ar_workdir(tmp_path_factory, tiny_tokenizer_path):
   config.checkpoint.every_steps = 2
   config.checkpoint.async_save = False
   workdir = str(tmp_path_factory.mktemp("ar"))
-  train.train_and_evaluate(config, workdir, jax.devices()[:1])
+  loop.train_and_evaluate(config, workdir, jax.devices()[:1])
   return workdir
 
 
 def test_calm_eval_json_for_an_ar_run_and_step_all(ar_workdir, tmp_path):
   out = str(tmp_path / "ar.json")
-  (result,) = evaluate.main_eval(ar_workdir, max_tokens=200, output=out)
+  (result,) = cli_eval.main_eval(ar_workdir, max_tokens=200, output=out)
   with open(out) as f:
     saved = json.load(f)
   for key in ("brier1", "brier2", "brier3", "brier4", "brierlm", "cross_entropy", "perplexity",
@@ -202,8 +207,8 @@ def test_calm_eval_json_for_an_ar_run_and_step_all(ar_workdir, tmp_path):
   assert 0 < saved["cross_entropy"] < 10
 
   lines = str(tmp_path / "all.jsonl")
-  evaluate.main_eval(ar_workdir, step="all", output=lines, max_tokens=64)
-  evaluate.main_eval(ar_workdir, step="all", output=lines, max_tokens=64)   # nothing new to do
+  cli_eval.main_eval(ar_workdir, step="all", output=lines, max_tokens=64)
+  cli_eval.main_eval(ar_workdir, step="all", output=lines, max_tokens=64)   # nothing new to do
   with open(lines) as f:
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == [2, 4]

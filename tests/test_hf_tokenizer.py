@@ -11,6 +11,8 @@ from calm_jax.data import pipeline
 from calm_jax.data import tokenizer as tokenizer_lib
 from tests import fixture_maker
 
+pytestmark = pytest.mark.unit
+
 # The reference's llama3_tokenizer/ names its specials like this (no pad token).
 LLAMA3_SPECIALS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
 

@@ -1,4 +1,4 @@
-"""Tests for the multi-host flags (calm_jax/distributed.py) and the launch scripts' plans and checks.
+"""Tests for the multi-host flags (calm_jax/parallel/distributed.py) and the launch scripts' plans and checks.
 
 No test calls a real gcloud, xpk or srun: the scripts run with --dry-run, or with
 stub commands first on PATH that record their arguments.
@@ -13,7 +13,9 @@ import textwrap
 
 import pytest
 
-from calm_jax import distributed
+from calm_jax.parallel import distributed
+
+pytestmark = pytest.mark.multihost
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -118,15 +120,22 @@ def _free_port():
 _INIT_SCRIPT = textwrap.dedent("""\
     import sys
     from absl import app
-    from calm_jax import distributed, user_errors
+    from absl import flags
+    from calm_jax import errors
+    from calm_jax.cli import train as cli_train
+    from calm_jax.parallel import distributed
+
+    cli_train.define_distributed_flags()
+    F = flags.FLAGS
 
     def main(argv):
-      with user_errors.exit_on_user_error():
+      with errors.exit_on_user_error():
         if argv[1:] == ["use_jax_first"]:
           import jax
           jax.devices()
-        first = distributed.initialize()
-        second = distributed.initialize()
+        args = (F.distributed, F.coordinator_address, F.num_processes, F.process_id)
+        first = distributed.initialize(*args)
+        second = distributed.initialize(*args)
         import jax
         print("RESULT", first, second, jax.process_index(), jax.process_count())
 
@@ -166,13 +175,17 @@ def test_initialize_errors_are_one_line():
 _TWO_PROCESS_SCRIPT = textwrap.dedent("""\
     import time
     from absl import app, flags
-    from calm_jax import distributed
+    from calm_jax.cli import train as cli_train
+    from calm_jax.parallel import distributed
 
     flags.DEFINE_string("config", None, "unused")
     flags.DEFINE_string("workdir", None, "unused")
+    cli_train.define_distributed_flags()
+    F = flags.FLAGS
 
     def main(argv):
-      assert distributed.initialize()
+      assert distributed.initialize(F.distributed, F.coordinator_address, F.num_processes,
+                                    F.process_id)
       import jax, jax.numpy as jnp
       from jax.sharding import NamedSharding, PartitionSpec as P
       mesh = jax.make_mesh((jax.device_count(),), ("d",))

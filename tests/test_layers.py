@@ -7,6 +7,8 @@ import pytest
 
 from calm_jax.models import attention, layers
 
+pytestmark = pytest.mark.unit
+
 # unsafe_rbg keys: XLA compiles their random init far faster than threefry on CPU.
 RNG = jax.random.key(0, impl="unsafe_rbg")
 

@@ -25,7 +25,7 @@ import pytest
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = pytest.mark.multihost
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 512
@@ -72,7 +72,7 @@ def _env(devices):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("CALM_", "SLURM_", "TPU_", "MEGASCALE_", "OMPI_"))}
   env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
-             CALM_TRAIN=f"{sys.executable} -m calm_jax.train",
+             CALM_TRAIN=f"{sys.executable} -m calm_jax.cli.train",
              # The persistent compilation cache of the other tests (tests/conftest.py).
              JAX_COMPILATION_CACHE_DIR=os.environ.get("CALM_TEST_COMPILE_CACHE",
                                                       "/tmp/calm_jax_test_compile_cache"))
@@ -123,8 +123,8 @@ def _check_stage(stage, corpus, root, extra=()):
   for k, path in enumerate(logs):
     assert f"JAX process {k} of 2" in path.read_text(), (
         f"process {k} did not join a 2-process run: is calm_jax.distributed.initialize() "
-        f"called first in calm_jax/train.py main()?\n{tails}")
-  rc, t_one = _run([sys.executable, "-m", "calm_jax.train", "--config", CONFIGS[stage],
+        f"called first in calm_jax/cli/train.py main()?\n{tails}")
+  rc, t_one = _run([sys.executable, "-m", "calm_jax.cli.train", "--config", CONFIGS[stage],
                     "--workdir", str(one), *overrides], 4, one / "train.log")
   assert rc == 0, _tail(one / "train.log", 60)
   print(f"{stage}: 2 processes x 2 devices {t_two:.0f}s, 1 process x 4 devices {t_one:.0f}s")

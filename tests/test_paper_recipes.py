@@ -4,8 +4,11 @@ import re
 
 import pytest
 
-from calm_jax import config_lib
+from calm_jax import config as config_lib
+from calm_jax import stages
 from experiments import paper
+
+pytestmark = pytest.mark.unit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +28,7 @@ def _common(config, batch, accum, block, steps, save):
   assert config.data.tokenizer == "llama3_tokenizer"
   assert config.data.vocab_size == config.model.vocab_size == 128_257
   assert config.data.eval == "jsonl:data/wikitext_document_level-test.json"
-  config_lib.validate(config, require_autoencoder=False)
+  stages.validate(config, require_autoencoder=False)
 
 
 def test_autoencoder_recipe_is_train_autoencoder_sh():

@@ -10,6 +10,8 @@ from calm_jax.data import pipeline
 from calm_jax.data import tokenizer as tokenizer_lib
 from experiments import common
 
+pytestmark = pytest.mark.unit
+
 EOS = tokenizer_lib.EOS_ID
 PAD = tokenizer_lib.PAD_ID
 

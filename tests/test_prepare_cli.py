@@ -7,17 +7,19 @@ import sys
 
 import pytest
 
-from calm_jax.data import prepare
+from calm_jax.cli import prepare
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
-from calm_jax.data import train_tokenizer
+from calm_jax.cli import tokenizer as cli_tokenizer
+
+pytestmark = pytest.mark.e2e
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_calm_tokenizer_writes_a_model_and_prints_a_summary(tmp_path, capsys):
   output = tmp_path / "t.model"
-  train_tokenizer.run(["--data", "builtin:python_docs:valid", "--vocab_size", "320",
+  cli_tokenizer.run(["--data", "builtin:python_docs:valid", "--vocab_size", "320",
                        "--output", str(output), "--max_chars", "100000"])
   out = capsys.readouterr().out
   assert f"wrote {output}: 320 bpe pieces" in out and "characters/token" in out
@@ -58,7 +60,7 @@ def test_calm_prepare_malformed_jsonl_subprocess(tmp_path, tiny_tokenizer_path):
   data.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   result = subprocess.run(
-      [sys.executable, "-m", "calm_jax.data.prepare", "--data", f"jsonl:{data}",
+      [sys.executable, "-m", "calm_jax.cli.prepare", "--data", f"jsonl:{data}",
        "--tokenizer", tiny_tokenizer_path, "--output", str(tmp_path / "D")],
       capture_output=True, text=True, env=env, timeout=120, check=False)
   assert result.returncode != 0

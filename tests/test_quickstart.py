@@ -6,10 +6,13 @@ import time
 import jax
 import pytest
 
-from calm_jax import diagnose
-from calm_jax import evaluate
-from calm_jax import quickstart
-from calm_jax import user_errors
+from calm_jax.eval import diagnose
+from calm_jax.cli import eval as cli_eval
+from calm_jax.eval import evaluator
+from calm_jax.cli import quickstart
+from calm_jax import errors
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +37,14 @@ def test_quickstart_writes_a_summary(quickstart_dir):
 
 def test_calm_eval_json_keys_for_autoencoder_and_calm_runs(quickstart_dir, tmp_path):
   workdir, _ = quickstart_dir
-  (ae,) = evaluate.main_eval(os.path.join(workdir, "autoencoder"), max_tokens=64,
+  (ae,) = cli_eval.main_eval(os.path.join(workdir, "autoencoder"), max_tokens=64,
                              output=str(tmp_path / "ae.json"))
   assert {"token_accuracy", "token_accuracy_noisy", "kl", "num_tokens", "step", "workdir",
           "block_len"} <= set(ae)
   assert set(ae["token_accuracy_noisy"]) == {"0.3", "0.5"}
   with open(tmp_path / "ae.json") as f:
     assert json.load(f)["step"] == ae["step"]
-  (calm,) = evaluate.main_eval(os.path.join(workdir, "calm"), max_tokens=64,
+  (calm,) = cli_eval.main_eval(os.path.join(workdir, "calm"), max_tokens=64,
                                output=str(tmp_path / "calm.json"))
   assert {"brier1", "brier2", "brier3", "brier4", "brierlm", "energy_loss", "num_tokens",
           "step", "workdir", "block_len"} <= set(calm)
@@ -66,12 +69,12 @@ def test_summary_compares_calm_with_the_unigram_model(quickstart_dir):
 
 def test_calm_eval_reports_the_unigram_model_at_the_same_positions(quickstart_dir, tmp_path):
   workdir, _ = quickstart_dir
-  (calm,) = evaluate.main_eval(os.path.join(workdir, "calm"), max_tokens=256,
+  (calm,) = cli_eval.main_eval(os.path.join(workdir, "calm"), max_tokens=256,
                                output=str(tmp_path / "calm.json"), brier_samples=4)
   assert calm["brier_samples"] == 4
   assert set(calm["unigram"]) == {"brier1", "brier2", "brier3", "brier4", "brierlm"}
   assert calm["unigram"]["brier1"] > calm["unigram"]["brier2"] > 0
-  assert "model/unigram" in evaluate.format_brier_comparison(calm)
+  assert "model/unigram" in evaluator.format_brier_comparison(calm)
 
 
 def test_calm_diagnose_places_the_run_among_the_oracles(quickstart_dir):
@@ -91,5 +94,5 @@ def test_calm_diagnose_places_the_run_among_the_oracles(quickstart_dir):
   with open(os.path.join(calm_dir, "diagnose.json")) as f:
     assert json.load(f)["verdict"] == report["verdict"]
   assert "verdict:" in diagnose.format_report(report)
-  with pytest.raises(user_errors.UserError, match="CALM"):
+  with pytest.raises(errors.UserError, match="CALM"):
     diagnose.diagnose(os.path.join(workdir, "autoencoder"), max_tokens=256, train_tokens=256)

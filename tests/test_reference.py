@@ -2,7 +2,7 @@
 
 The golden fixture (../shared/data/reference_calm/, made by the reference code itself)
 is converted with calm_jax.convert and run through calm_jax's modules with the
-reference's own random draws injected (calm_jax/tools/reference_check.py); every one of
+reference's own random draws injected (calm_jax/convert/reference_check.py); every one of
 its out/ arrays must agree within 1e-5 of its scale. Fixtures of other sizes come from
 tests/fixture_maker.py, whose float64 NumPy derivation is first checked against the
 golden fixture here.
@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from calm_jax.tools import reference_check
+from calm_jax.cli import reference_check as cli_reference_check
+from calm_jax.convert import reference_check
 from tests import fixture_maker
 from tests import reference_numpy as ref
 
@@ -142,7 +143,7 @@ def test_a_broken_conversion_fails_the_check(other_fixtures, monkeypatch, capsys
     return original(rule, tensor, shape)
 
   monkeypatch.setattr(keymap, "to_calm_jax", untransposed_q)
-  assert reference_check.main([other_fixtures["gqa_k2_4enc_2blocks"]]) == 1
+  assert cli_reference_check.main([other_fixtures["gqa_k2_4enc_2blocks"]]) == 1
   out = capsys.readouterr().out
   failing = [line.split()[0] for line in out.splitlines() if line.endswith("FAIL")]
   assert "out/calm/backbone_layer0_out" in failing and "out/calm/loss" in failing
@@ -170,7 +171,7 @@ def test_the_training_mode_bf16_targets_are_what_the_reference_computes(other_fi
 @needs_golden
 def test_command_line_table_and_exit_status():
   result = subprocess.run(
-      [sys.executable, "-m", "calm_jax.tools.reference_check", os.path.relpath(GOLDEN, ROOT)],
+      [sys.executable, "-m", "calm_jax.cli.reference_check", os.path.relpath(GOLDEN, ROOT)],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
   lines = result.stdout.splitlines()
@@ -180,5 +181,5 @@ def test_command_line_table_and_exit_status():
 
 
 def test_unreadable_fixture_exits_2(tmp_path, capsys):
-  assert reference_check.main([str(tmp_path / "missing.npz")]) == 2
+  assert cli_reference_check.main([str(tmp_path / "missing.npz")]) == 2
   assert "does not exist" in capsys.readouterr().err

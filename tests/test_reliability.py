@@ -1,6 +1,6 @@
 """Reliability: kill -9 and resume bit-identically, SIGTERM saves, NaN policies, bad input.
 
-The kill/SIGTERM/bad-input tests run `python -m calm_jax.train` as a subprocess on
+The kill/SIGTERM/bad-input tests run `python -m calm_jax.cli.train` as a subprocess on
 one CPU device (JAX_NUM_CPU_DEVICES=1) with the shared persistent compilation
 cache; the NaN and mid-run data error tests run in-process on one device, with
 the model's apply (or the data iterator) wrapped to inject the fault.
@@ -21,12 +21,15 @@ import numpy as np
 import pytest
 
 from calm_jax import checkpoint
-from calm_jax import config_lib
-from calm_jax import train
+from calm_jax import config as config_lib
+from calm_jax import stages
+from calm_jax.training import loop
 from calm_jax.data import pipeline
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
 from tests.conftest import TINY_VOCAB
+
+pytestmark = pytest.mark.faults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 AR = "experiments/ar_baseline.py:size=tiny"
@@ -65,7 +68,7 @@ def _env():
 def _start(config, workdir, overrides, log_path):
   log = open(log_path, "a")  # pylint: disable=consider-using-with
   proc = subprocess.Popen(
-      [sys.executable, "-m", "calm_jax.train", "--config", config, "--workdir", str(workdir),
+      [sys.executable, "-m", "calm_jax.cli.train", "--config", config, "--workdir", str(workdir),
        *overrides], env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   proc.log, proc.log_path = log, pathlib.Path(log_path)
   return proc
@@ -165,15 +168,15 @@ def test_kill_9_at_random_moments_resumes_bit_identically(tokenizer_path, tmp_pa
 def test_partial_checkpoint_is_never_picked(tokenizer_path, tmp_path):
   """A half-written step directory (what a kill mid-save leaves) is ignored and cleaned up."""
   one = jax.devices()[:1]
-  train.train_and_evaluate(_config(tokenizer_path, steps=2, every=2), str(tmp_path), one)
+  loop.train_and_evaluate(_config(tokenizer_path, steps=2, every=2), str(tmp_path), one)
   partial = (pathlib.Path(checkpoint.checkpoint_dir(str(tmp_path)))
              / "4.orbax-checkpoint-tmp-1700000000000000")
   (partial / "params").mkdir(parents=True)
   (partial / "params" / "_METADATA").write_text("{")
   ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
-  assert ckpt.all_steps() == [2] and ckpt.latest_step() == 2
+  assert ckpt.all_steps() == [2]
   ckpt.close()
-  train.train_and_evaluate(_config(tokenizer_path, steps=4, every=2), str(tmp_path), one)
+  loop.train_and_evaluate(_config(tokenizer_path, steps=4, every=2), str(tmp_path), one)
   assert _checkpoint_names(str(tmp_path)) == ["2", "4"]   # the partial one was removed
   assert sorted(_final_per_step(str(tmp_path))) == [1, 2, 3, 4]
 
@@ -200,8 +203,8 @@ def _config(tokenizer_path, steps, every, **overrides):
 def test_corrupt_checkpoint_is_named_and_the_previous_one_used(tokenizer_path, tmp_path, caplog):
   one = jax.devices()[:1]
   straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
-  train.train_and_evaluate(_config(tokenizer_path, 6, 2), straight, one)
-  train.train_and_evaluate(_config(tokenizer_path, 4, 2), broken, one)
+  loop.train_and_evaluate(_config(tokenizer_path, 6, 2), straight, one)
+  loop.train_and_evaluate(_config(tokenizer_path, 4, 2), broken, one)
   assert _complete_steps(broken) == [2, 4]
   # Corrupt step 4's parameters: delete its array data files.
   params = pathlib.Path(checkpoint.checkpoint_dir(broken)) / "4" / "params"
@@ -210,7 +213,7 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_used(tokenizer_path, t
   for p in data_files:
     p.unlink()
   with caplog.at_level("ERROR"):
-    train.train_and_evaluate(_config(tokenizer_path, 6, 2), broken, one)
+    loop.train_and_evaluate(_config(tokenizer_path, 6, 2), broken, one)
   named = [r.getMessage() for r in caplog.records if "could not be restored" in r.getMessage()]
   assert named and os.path.join(checkpoint.checkpoint_dir(broken), "4") in named[0]
   # Resumed from step 2 with step 2's data iterator: steps 3..6 equal the straight run.
@@ -269,8 +272,8 @@ def _poison(monkeypatch, config, bad_batch, num_batches):
              for _ in range(num_batches)]
   earlier = set(np.unique(np.concatenate([b["tokens"].ravel() for b in batches[:bad_batch]])))
   token = int(next(t for t in np.unique(batches[bad_batch]["tokens"]) if t not in earlier))
-  real_build = train.build_model
-  monkeypatch.setattr(train, "build_model",
+  real_build = stages.build_model
+  monkeypatch.setattr(stages, "build_model",
                       lambda *a, **k: _NaNWhenTokenSeen(real_build(*a, **k), token))
   return [i for i, b in enumerate(batches) if (b["tokens"] == token).any()]
 
@@ -279,8 +282,8 @@ def test_nan_policy_halt_stops_naming_the_step_and_keeps_the_good_checkpoint(
     tokenizer_path, tmp_path, monkeypatch):
   config = _config(tokenizer_path, steps=6, every=2, train__nan_policy="halt")
   _poison(monkeypatch, config, bad_batch=2, num_batches=6)
-  with pytest.raises(train.TrainingHalted, match=r"at step 3\b.*step 2\)"):
-    train.train_and_evaluate(config, str(tmp_path), jax.devices()[:1])
+  with pytest.raises(loop.TrainingHalted, match=r"at step 3\b.*step 2\)"):
+    loop.train_and_evaluate(config, str(tmp_path), jax.devices()[:1])
   assert _complete_steps(tmp_path) == [2]
   rows = _final_per_step(tmp_path)
   assert sorted(rows) == [1, 2, 3] and np.isnan(rows[3]) and np.isfinite(rows[2])
@@ -289,7 +292,7 @@ def test_nan_policy_halt_stops_naming_the_step_and_keeps_the_good_checkpoint(
 def test_nan_policy_skip_skips_and_counts(tokenizer_path, tmp_path, monkeypatch):
   config = _config(tokenizer_path, steps=6, every=2, train__nan_policy="skip")
   poisoned = _poison(monkeypatch, config, bad_batch=2, num_batches=6)
-  train.train_and_evaluate(config, str(tmp_path), jax.devices()[:1])
+  loop.train_and_evaluate(config, str(tmp_path), jax.devices()[:1])
   skipped = _final_per_step(tmp_path, "skipped_updates")
   assert [skipped[s] for s in range(1, 7)] == [
       sum(1 for i in poisoned if i < s) for s in range(1, 7)]
@@ -332,15 +335,15 @@ class _FailingIterator(grain.DatasetIterator):
 def test_data_error_mid_run_saves_the_work_done(tokenizer_path, tmp_path, monkeypatch):
   one = jax.devices()[:1]
   straight, failed = str(tmp_path / "straight"), str(tmp_path / "failed")
-  train.train_and_evaluate(_config(tokenizer_path, 5, 100), straight, one)
+  loop.train_and_evaluate(_config(tokenizer_path, 5, 100), straight, one)
   real = pipeline.make_iterator
   monkeypatch.setattr(pipeline, "make_iterator",
                       lambda *a, **k: _FailingIterator(real(*a, **k), fail_at=3))
   with pytest.raises(sources.DataError, match=r"config\.data\.train=.*shard-3\.jsonl"):
-    train.train_and_evaluate(_config(tokenizer_path, 5, 100), failed, one)
+    loop.train_and_evaluate(_config(tokenizer_path, 5, 100), failed, one)
   assert _complete_steps(failed) == [3]   # the 3 steps done were saved, not lost
   monkeypatch.setattr(pipeline, "make_iterator", real)
-  train.train_and_evaluate(_config(tokenizer_path, 5, 100), failed, one)
+  loop.train_and_evaluate(_config(tokenizer_path, 5, 100), failed, one)
   assert _final_per_step(failed) == _final_per_step(straight)
 
 

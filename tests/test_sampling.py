@@ -6,14 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import config_lib
-from calm_jax import generation
+from calm_jax import config as config_lib
+from calm_jax.sampling import decode
 from calm_jax.data import tokenizer as tokenizer_lib
-from calm_jax.models import build_model
+from calm_jax.stages import build_model
 from experiments import common
 
+pytestmark = pytest.mark.integration
+
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
-SP = generation.SpecialIds(eos=tokenizer_lib.EOS_ID, pad=tokenizer_lib.PAD_ID)
+SP = decode.SpecialIds(eos=tokenizer_lib.EOS_ID, pad=tokenizer_lib.PAD_ID)
 VOCAB = 16
 
 
@@ -53,18 +55,18 @@ def tiny_calm():
 
 
 def _sampling(**overrides):
-  return generation.frozen_sampling(common.sampling_config(), **overrides)
+  return decode.frozen_sampling(common.sampling_config(), **overrides)
 
 
 @pytest.mark.parametrize("temperature,method", [(1.0, "exact"), (0.5, "exact"),
                                                 (0.5, "batch_approx")])
 def test_calm_generation_with_cache_equals_full_recompute(tiny_calm, temperature, method):
   model, params, _ = tiny_calm
-  prompt = generation.calm_prompt([5, 6, 7], 2, SP.eos)
+  prompt = decode.calm_prompt([5, 6, 7], 2, SP.eos)
   prompt_BxTxK = np.tile(prompt.reshape(1, -1, 2), (3, 1, 1))
   sampling = _sampling(temperature=temperature, method=method, max_draws=64, draws_per_step=8,
                        fallback_pool=32, batch_approx_samples=16)
-  outs = [generation.make_calm_generate(model, num_chunks=5, sampling=sampling, ids=SP,
+  outs = [decode.make_calm_generate(model, num_chunks=5, sampling=sampling, ids=SP,
                                          use_cache=c)(
       params, prompt_BxTxK, jax.random.key(3)) for c in (True, False)]
   (cached, stats), (full, _) = jax.device_get(outs)
@@ -76,7 +78,7 @@ def test_calm_generation_with_cache_equals_full_recompute(tiny_calm, temperature
 def test_calm_prompt_is_eos_filled_to_a_multiple_of_k():
   for k in (1, 2, 4):
     for n in range(6):
-      prompt = generation.calm_prompt(list(range(10, 10 + n)), k, SP.eos)
+      prompt = decode.calm_prompt(list(range(10, 10 + n)), k, SP.eos)
       assert len(prompt) % k == 0 and prompt[0] == tokenizer_lib.EOS_ID
       assert tokenizer_lib.PAD_ID not in prompt.tolist()
       fill = len(prompt) - n
@@ -84,7 +86,7 @@ def test_calm_prompt_is_eos_filled_to_a_multiple_of_k():
       assert prompt[fill:].tolist() == list(range(10, 10 + n))
       # Reference streams (no document EOS): PAD fill, no boundary token.
       if n:
-        prompt = generation.calm_prompt(list(range(10, 10 + n)), k, SP.pad, boundary=False)
+        prompt = decode.calm_prompt(list(range(10, 10 + n)), k, SP.pad, boundary=False)
         assert len(prompt) % k == 0 and len(prompt) - n < k
         assert set(prompt[:len(prompt) - n].tolist()) <= {SP.pad}
 
@@ -93,8 +95,8 @@ def test_ar_generation_with_cache_equals_full_recompute_and_top1_is_greedy():
   config = _tiny("ar_baseline.py", 1)
   model = build_model(config)
   params = _init(model, 8, 0.5)
-  prompt_BxP = np.tile(generation.ar_prompt([4, 5], SP.eos)[None], (2, 1))
-  run = lambda **kw: jax.device_get(generation.make_ar_generate(model, max_tokens=6, ids=SP, **kw)(
+  prompt_BxP = np.tile(decode.ar_prompt([4, 5], SP.eos)[None], (2, 1))
+  run = lambda **kw: jax.device_get(decode.make_ar_generate(model, max_tokens=6, ids=SP, **kw)(
       params, prompt_BxP, jax.random.key(0))[0])
   cached = run(temperature=0.7, top_k=0)
   np.testing.assert_array_equal(cached, run(temperature=0.7, top_k=0, use_cache=False))
@@ -105,6 +107,6 @@ def test_ar_generation_with_cache_equals_full_recompute_and_top1_is_greedy():
       break
     logits = model.apply({"params": params}, seq, method="logits")
     seq = np.concatenate([seq, np.argmax(logits[:, -1:], -1)], axis=1)
-  got = generation.until_eos(greedy[0], SP)
-  want = generation.until_eos(seq[0, prompt_BxP.shape[1]:], SP)
+  got = decode.until_eos(greedy[0], SP)
+  want = decode.until_eos(seq[0, prompt_BxP.shape[1]:], SP)
   assert got == want

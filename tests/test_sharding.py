@@ -6,8 +6,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from calm_jax import sharding
+from calm_jax.parallel import sharding
 from experiments import common
+
+pytestmark = pytest.mark.integration
 
 
 def _mesh_config(data=-1, fsdp=1, tensor=1):

@@ -9,6 +9,8 @@ from calm_jax.data import builtin
 from calm_jax.data import prepare
 from calm_jax.data import sources
 
+pytestmark = pytest.mark.unit
+
 
 def _write_jsonl(path, records):
   path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")

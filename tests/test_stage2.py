@@ -3,12 +3,15 @@ import jax
 import numpy as np
 import pytest
 
-from calm_jax import config_lib
-from calm_jax import sharding
-from calm_jax import train
+from calm_jax import config as config_lib
+from calm_jax.parallel import sharding
+from calm_jax.training import loop
+from calm_jax.training import state as state_lib
 from tests.run_helpers import metric_curve
 from tests.run_helpers import tiny_run_config
 from tests.conftest import TINY_VOCAB
+
+pytestmark = pytest.mark.integration
 
 ONE_DEVICE = jax.devices()[:1]   # sharding is tested once below; one device compiles faster
 
@@ -18,7 +21,7 @@ def ae_workdir(tiny_tokenizer_path, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("ae"))
   config = tiny_run_config("autoencoder.py:size=tiny", tiny_tokenizer_path, TINY_VOCAB,
                            train__steps=2)
-  train.train_and_evaluate(config, workdir, ONE_DEVICE)
+  loop.train_and_evaluate(config, workdir, ONE_DEVICE)
   return workdir
 
 
@@ -34,7 +37,7 @@ def test_calm_sharded_equals_single_device(ae_workdir, tmp_path):
                               ("sharded", (-1, 2, 2), None)]:
     config = calm_config(ae_workdir, train__steps=2)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
-    train.train_and_evaluate(config, str(tmp_path / name), devices)
+    loop.train_and_evaluate(config, str(tmp_path / name), devices)
     curves[name] = metric_curve(str(tmp_path / name))
   assert len(curves["one"]) == 2
   np.testing.assert_allclose(curves["sharded"], curves["one"], rtol=2e-5)
@@ -46,14 +49,14 @@ def test_autoencoder_is_frozen_outside_the_optimizer(ae_workdir, tmp_path):
   mesh = sharding.make_mesh(config.mesh, ONE_DEVICE)
   rules = sharding.rules(config)
   with sharding.activate(mesh, rules):
-    parts = train.build(config, mesh, rules)
+    parts = state_lib.build(config, mesh, rules)
   assert "autoencoder" not in parts["abstract_state"].params
   opt_paths = [jax.tree_util.keystr(p) for p, _ in
                jax.tree_util.tree_flatten_with_path(parts["abstract_state"].opt_state)[0]]
   assert opt_paths and not any("autoencoder" in p for p in opt_paths)
   assert set(parts["abstract_frozen"]) == {"autoencoder"}
   # The tokenizer comes from the autoencoder run when config.data.tokenizer is empty.
-  train.train_and_evaluate(config, str(tmp_path), ONE_DEVICE)
+  loop.train_and_evaluate(config, str(tmp_path), ONE_DEVICE)
   saved = config_lib.load_config(str(tmp_path))
   assert saved.data.tokenizer == config_lib.load_config(ae_workdir).data.tokenizer
 
@@ -61,11 +64,11 @@ def test_autoencoder_is_frozen_outside_the_optimizer(ae_workdir, tmp_path):
 def test_mismatched_autoencoder_fails_before_compiling(ae_workdir, tmp_path):
   config = calm_config(ae_workdir, "size=tiny,K=2")
   with pytest.raises(config_lib.ConfigError, match="model.patch_size=2 does not match"):
-    train.train_and_evaluate(config, str(tmp_path), ONE_DEVICE)
+    loop.train_and_evaluate(config, str(tmp_path), ONE_DEVICE)
 
 
 @pytest.mark.parametrize("head", ["flow", "diffusion"])
 def test_other_heads_train_in_the_trainer(ae_workdir, tmp_path, head):
   config = calm_config(ae_workdir, f"size=tiny,head={head}", train__steps=2)
-  result = train.train_and_evaluate(config, str(tmp_path), ONE_DEVICE)
+  result = loop.train_and_evaluate(config, str(tmp_path), ONE_DEVICE)
   assert np.isfinite(result["loss"]) and f"{head}_loss" in result

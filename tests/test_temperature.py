@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from scipy.special import gammaln
 
-from calm_jax import temperature
+from calm_jax.sampling import temperature
+
+pytestmark = pytest.mark.unit
 
 # Six outcomes of K = 2 tokens; several share a first token, so equality must use both tokens.
 P_M = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])

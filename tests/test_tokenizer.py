@@ -6,6 +6,8 @@ import pytest
 from calm_jax.data import builtin
 from calm_jax.data import tokenizer as tokenizer_lib
 
+pytestmark = pytest.mark.unit
+
 
 def test_fixed_special_ids(tiny_tokenizer):
   assert (tokenizer_lib.PAD_ID, tokenizer_lib.UNK_ID, tokenizer_lib.BOS_ID,

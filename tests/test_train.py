@@ -3,11 +3,15 @@ import jax
 import numpy as np
 import pytest
 
-from calm_jax import config_lib
-from calm_jax import train
+from calm_jax import config as config_lib
+from calm_jax.cli import train as cli_train
+from calm_jax.training import loop
+from calm_jax.training import state as state_lib
 from tests.conftest import TINY_VOCAB
 from tests.run_helpers import metric_curve as losses
 from tests.run_helpers import tiny_run_config
+
+pytestmark = pytest.mark.integration
 
 
 def make_config(experiment, tiny_tokenizer_path, **overrides):
@@ -21,7 +25,7 @@ def test_autoencoder_sharded_equals_single_device(tiny_tokenizer_path, tmp_path)
                               ("data_tensor", (-1, 1, 2), None)]:
     config = make_config("autoencoder.py:size=tiny", tiny_tokenizer_path, train__steps=3)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
-    train.train_and_evaluate(config, str(tmp_path / name), devices)
+    loop.train_and_evaluate(config, str(tmp_path / name), devices)
     runs[name] = losses(str(tmp_path / name))
   assert len(runs["one"]) == 3
   np.testing.assert_allclose(runs["data_fsdp"], runs["one"], rtol=2e-5)
@@ -31,11 +35,11 @@ def test_autoencoder_sharded_equals_single_device(tiny_tokenizer_path, tmp_path)
 def test_params_are_sharded_as_the_rules_say(tiny_tokenizer_path, tmp_path):
   config = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 2, 2
-  from calm_jax import sharding
+  from calm_jax.parallel import sharding
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
   with sharding.activate(mesh, rules):
-    parts = train.build(config, mesh, rules)
+    parts = state_lib.build(config, mesh, rules)
   specs = jax.tree.map(lambda s: s.spec, parts["state_shardings"].params)
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): spec
           for path, spec in jax.tree_util.tree_flatten_with_path(specs)[0]}
@@ -47,12 +51,12 @@ def test_params_are_sharded_as_the_rules_say(tiny_tokenizer_path, tmp_path):
 
 def test_resume_continues_bit_identically(tiny_tokenizer_path, tmp_path):
   straight = str(tmp_path / "straight")
-  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
+  loop.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
                                        train__steps=6), straight)
   resumed = str(tmp_path / "resumed")
-  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
+  loop.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
                                        train__steps=3), resumed)
-  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
+  loop.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
                                        train__steps=6), resumed)
   assert losses(resumed) == losses(straight)
 
@@ -62,8 +66,8 @@ def test_gradient_accumulation_matches_full_batch(tiny_tokenizer_path, tmp_path)
                      train__batch_size=16)
   accum = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path, train__steps=3,
                       train__batch_size=16, train__grad_accum_steps=2)
-  train.train_and_evaluate(full, str(tmp_path / "full"))
-  train.train_and_evaluate(accum, str(tmp_path / "acc"))
+  loop.train_and_evaluate(full, str(tmp_path / "full"))
+  loop.train_and_evaluate(accum, str(tmp_path / "acc"))
   np.testing.assert_allclose(losses(str(tmp_path / "acc")), losses(str(tmp_path / "full")),
                              rtol=1e-5)
 
@@ -72,25 +76,25 @@ def test_ar_loss_falls(tiny_tokenizer_path, tmp_path):
   config = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path, train__steps=40,
                        train__log_every=5, train__eval_every=40, train__eval_batches=2,
                        optim__warmup_steps=5)
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   curve = losses(str(tmp_path))
   assert curve[-1] < curve[0] - 1.0
   assert "eval/loss" in result
 
 
 def test_workdir_with_other_config_is_refused(tiny_tokenizer_path, tmp_path):
-  train.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
+  loop.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
                                        train__steps=1), str(tmp_path))
   other = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path, train__steps=2)
   other.optim.lr = 1e-2
   with pytest.raises(config_lib.ConfigError, match="optim.lr"):
-    train.train_and_evaluate(other, str(tmp_path))
+    loop.train_and_evaluate(other, str(tmp_path))
 
 
 def test_compile_only_reports_per_device_memory(tiny_tokenizer_path, tmp_path):
   config = make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 4, 1
-  report = train.compile_only(config, str(tmp_path))
+  report = cli_train.compile_only(config, str(tmp_path))
   assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
   full_gib = report["params_total"] * 4 / 1024**3
   # Every weight matrix has an 'embed' dim sharded 4 ways over fsdp; norms stay replicated.
@@ -102,5 +106,5 @@ def test_compile_only_reports_per_device_memory(tiny_tokenizer_path, tmp_path):
 
 def test_compile_only_calm_without_autoencoder_run(tmp_path):
   config = make_config("calm.py:size=tiny", "")
-  report = train.compile_only(config, str(tmp_path))
+  report = cli_train.compile_only(config, str(tmp_path))
   assert report["frozen_params_total"] > 0 and report["params_total"] > 0

@@ -8,6 +8,8 @@ import pytest
 from calm_jax.models import transformer
 from experiments import common
 
+pytestmark = pytest.mark.unit
+
 # unsafe_rbg keys: XLA compiles their random init far faster than threefry on CPU.
 RNG = jax.random.key(0, impl="unsafe_rbg")
 X = np.random.RandomState(1).randn(2, 7, 32).astype(np.float32)
@@ -104,4 +106,4 @@ def test_bfloat16_compute(params):
   assert h.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(h)))
   h32 = jax.jit(transformer.Transformer(tiny_config()).apply)(params[True], X)
   np.testing.assert_allclose(np.asarray(h, np.float32), h32, atol=0.1)
-  assert model.init_cache(2, 8)["k"].dtype == jnp.bfloat16
+  assert transformer.init_cache(model.config, 2, 8, model.dtype)["k"].dtype == jnp.bfloat16

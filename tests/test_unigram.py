@@ -1,7 +1,10 @@
 """The unigram baseline's Brier-n at a model's eval positions, against a direct computation."""
 import numpy as np
+import pytest
 
-from calm_jax import unigram
+from calm_jax.eval import unigram
+
+pytestmark = pytest.mark.unit
 
 
 def _direct(p_V, tokens_BxL, mask_BxL, start, stride, n):

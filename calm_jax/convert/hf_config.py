@@ -11,8 +11,7 @@ Export: the reference's own fields, from the saved reference config.json when th
 workdir was converted (so a round trip keeps every field) and from defaults otherwise.
 """
 from calm_jax.convert import ConvertError
-from experiments import autoencoder as ae_experiment
-from experiments import calm as calm_experiment
+from calm_jax import config as config_lib
 
 AUTOENCODER, CALM = "autoencoder", "calm"
 ARCHITECTURES = {"Autoencoder": AUTOENCODER, "EnergyTransformer": CALM}
@@ -96,7 +95,7 @@ def _blocks_of_k(config):
 def autoencoder_config(hf, source):
   """The calm_jax stage-1 config (autoencoder.py:recipe=paper) with config.json's model."""
   _check_common(hf, source)
-  config = ae_experiment.get_config("recipe=paper")
+  config = config_lib.load_experiment("autoencoder.py:recipe=paper")
   vocab = _get(hf, "vocab_size", source)
   dropout = _get(hf, "ae_dropout", source, 0.15)
   config.model.update(
@@ -122,7 +121,7 @@ def calm_config(hf, source):
   _require(hf, "attention_bias", (False,), source, False)
   _require(hf, "rope_scaling", (None,), source, None)
   _require(hf, "attention_dropout", (0, 0.0), source, 0.0)
-  config = calm_experiment.get_config("size=M,recipe=paper")
+  config = config_lib.load_experiment("calm.py:size=M,recipe=paper")
   hidden, heads = _get(hf, "hidden_size", source), _get(hf, "num_attention_heads", source)
   kv_heads = _get(hf, "num_key_value_heads", source, heads)
   if hf.get("head_dim") not in (None, hidden // heads):

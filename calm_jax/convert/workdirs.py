@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from calm_jax import checkpoint
-from calm_jax import config_lib
+from calm_jax import config as config_lib
+from calm_jax import runs
 from calm_jax import stages
 from calm_jax.convert import ConvertError
 from calm_jax.convert import hf_config
@@ -38,7 +39,6 @@ from calm_jax.convert import keymap
 from calm_jax.convert import safetensors_io
 from calm_jax.data import hf_tokenizer
 from calm_jax.data import tokenizer as tokenizer_lib
-from calm_jax.models import build_model
 
 STEP = 0                        # the step of a converted checkpoint
 TOKENIZER_DIR = "tokenizer"
@@ -47,7 +47,7 @@ AUTOENCODER_DIR = "autoencoder"
 
 def abstract_param_shapes(config, ae_config=None):
   """{path: shape} of the params of config's model (CALM: its frozen autoencoder included)."""
-  model = build_model(config, ae_model_config=ae_config.model if ae_config else None)
+  model = stages.build_model(config, ae_model_config=ae_config.model if ae_config else None)
   k = config.model.patch_size
   batch = {"tokens": np.zeros((1, 2 * k), np.int32), "mask": np.ones((1, 2 * k), np.int32)}
   rngs = {n: jax.random.key(0) for n in ("params", "dropout", "sample")}
@@ -200,7 +200,7 @@ def import_checkpoint(hf_dir, workdir, autoencoder=None, tokenizer=None):
     ae_config = config_lib.load_config(ae_workdir)
 
     config = hf_config.calm_config(hf, os.path.join(hf_dir, hf_files.CONFIG))
-    config_lib.check_autoencoder_compatible(config, ae_config, ae_workdir)
+    stages.check_autoencoder_compatible(config, ae_config, ae_workdir)
     config.data.tokenizer = tokenizer_path
     config.autoencoder.update(workdir=ae_workdir, step=STEP, digest=ae_digest)
     rules = keymap.calm_rules(config.model, ae_config.model if has_ae else None)
@@ -271,18 +271,17 @@ def export_checkpoint(workdir, hf_dir, step=None):
   """Writes the run in `workdir` (autoencoder or CALM, energy head) in the reference's layout."""
   config = config_lib.load_config(workdir)
   tok = tokenizer_lib.load(config.data.tokenizer)
-  if config.stage == "autoencoder":
+  stages.require(config, ("autoencoder", "calm"), f"{workdir} is a {{stage!r}} run; calm-convert "
+                 "--to hf exports the autoencoder and CALM (energy head) stages.")
+  if not stages.get(config).needs_autoencoder:
     shapes = abstract_param_shapes(config)
     params, step = _restore_numpy_params(workdir, step, shapes)
     hf = hf_config.hf_autoencoder_config(config, _reference_config(workdir), tok)
     rules = keymap.autoencoder_rules(config.model)
     n = _write_hf_dir(hf_dir, hf, rules, shapes, params, config.data.tokenizer)
     return dict(kind=config.stage, hf_dir=hf_dir, step=step, tensors=n)
-  if config.stage != "calm":
-    raise ConvertError(f"{workdir} is a {config.stage!r} run; calm-convert --to hf exports the "
-                       "autoencoder and CALM (energy head) stages.")
-  ae_config = stages.autoencoder_config(config)
-  ae_ckpt, ae_step = stages.autoencoder_step(config)
+  ae_config = runs.autoencoder_config(config)
+  ae_ckpt, ae_step = runs.autoencoder_step(config)
   ae_ckpt.close()
   ae_out = os.path.join(os.path.abspath(hf_dir), AUTOENCODER_DIR)
   export_checkpoint(config.autoencoder.workdir, ae_out, ae_step)

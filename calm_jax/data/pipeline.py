@@ -27,6 +27,7 @@ a batch or so; a multi-process evaluator must agree on how many batches to run.
 import grain
 import numpy as np
 
+from calm_jax import errors
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
 
@@ -180,3 +181,30 @@ def make_iterator(config, tokenizer, split="train", process_index=None, process_
       skip_bad_records=config.data.skip_bad_records,
       worker_count=config.data.worker_count, prefetch=config.data.prefetch)
   return iter(ds)
+
+
+def _unreadable(config, split, error):
+  spec = config.data.train if split == "train" else config.data.eval
+  return (f"config.data.{split}={spec!r} cannot be read ({type(error).__name__}: {error}); "
+          "fix or replace the file, or point the SPEC elsewhere.")
+
+
+def make_checked_iterator(config, tokenizer, split):
+  """make_iterator, with unreadable data reported as a DataError naming the SPEC."""
+  try:
+    return make_iterator(config, tokenizer, split)
+  except (OSError, RuntimeError) as e:
+    raise sources.DataError(_unreadable(config, split, e)) from e
+
+
+def next_batch(iterator, config):
+  """The next training batch; on a data error the iterator is left where it was."""
+  snapshot = iterator.get_state()
+  try:
+    return next(iterator)
+  except errors.UserError:
+    iterator.set_state(snapshot)
+    raise
+  except (OSError, RuntimeError) as e:
+    iterator.set_state(snapshot)
+    raise sources.DataError(_unreadable(config, "train", e)) from e

@@ -1,12 +1,9 @@
-"""calm-prepare: tokenize a corpus into ArrayRecord shards for fast random access.
-
-  calm-prepare --data SPEC --tokenizer PATH.model --output DIR [--num_shards N]
+"""Tokenizing a corpus into ArrayRecord shards for fast random access (calm-prepare, cli/prepare.py).
 
 Writes DIR/data-00000-of-0000N.array_record, ... (one record per document, in
 source order, encoded as sources.encode_tokens describes) and DIR/prepare.json
 (what was tokenized with what). Train on it with --config.data.train=arrayrecord:DIR.
 """
-import argparse
 import glob
 import json
 import os
@@ -74,33 +71,3 @@ def prepare(spec, tokenizer_path, output_dir, num_shards=4, skip_bad_records=Fal
   with open(os.path.join(output_dir, "prepare.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
-
-
-def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog="calm-prepare", description=__doc__.splitlines()[0])
-  parser.add_argument("--data", required=True, help="data SPEC to tokenize (see README)")
-  parser.add_argument("--tokenizer", required=True,
-                      help="SentencePiece .model, tokenizer.json or a directory with one")
-  parser.add_argument("--output", required=True, help="output directory for the shards")
-  parser.add_argument("--num_shards", type=int, default=4, help="number of ArrayRecord files")
-  parser.add_argument("--skip_bad_records", action="store_true",
-                      help="skip malformed JSONL lines with a warning instead of failing")
-  return parser.parse_args(argv)
-
-
-def run(argv=None):
-  """Console entry point; bad input exits 1 with a one-line message, no traceback."""
-  args = _parse_args(argv)
-  try:
-    summary = prepare(args.data, args.tokenizer, args.output, args.num_shards,
-                      args.skip_bad_records)
-  except (sources.DataError, tokenizer_lib.TokenizerError, OSError) as e:
-    print(f"calm-prepare: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(f"calm-prepare: {summary['documents']} documents, {summary['tokens']} tokens, "
-        f"{summary['shards']} shards in {args.output} ({summary['seconds']} s); "
-        f"train with --config.data.train=arrayrecord:{os.path.abspath(args.output)}")
-
-
-if __name__ == "__main__":
-  run()

@@ -28,7 +28,7 @@ import os
 
 import numpy as np
 
-from calm_jax import user_errors
+from calm_jax import errors
 from calm_jax.data import builtin
 
 SCHEMES = ("builtin", "jsonl", "text", "tfds", "arrayrecord")
@@ -39,7 +39,7 @@ ARRAYRECORD_SUFFIX = ".array_record"
 _MAX_WARNINGS = 10  # per source, for skipped records
 
 
-class DataError(user_errors.UserError, ValueError):
+class DataError(errors.UserError, ValueError):
   """A data SPEC is invalid or names data that is missing or malformed."""
 
 

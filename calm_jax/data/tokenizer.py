@@ -16,7 +16,7 @@ import os
 
 import sentencepiece as spm
 
-from calm_jax import user_errors
+from calm_jax import errors
 from calm_jax.data import hf_tokenizer
 
 PAD_ID = 0  # padding; carries mask 0 in batches
@@ -33,13 +33,13 @@ _MAX_SENTENCE_BYTES = 4 * _MAX_SENTENCE_CHARS
 _CHARACTER_COVERAGES = (0.9995, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
 
 
-class TokenizerError(user_errors.UserError):
+class TokenizerError(errors.UserError):
   """A tokenizer file is missing or unusable, or training got bad input."""
 
 
 def _training_sentences(texts, max_chars):
-  """Yields the lines of `texts`, cut to SentencePiece's sentence limit, until max_chars."""
-  budget = max_chars
+  """Yields the lines of `texts`, cut to SentencePiece's sentence limit, until max_chars (None: all)."""
+  budget = float("inf") if max_chars is None else max_chars
   for text in texts:
     for line in text.splitlines():
       line = line.rstrip()
@@ -78,8 +78,7 @@ def _train(sentences, vocab_size, model_type, character_coverage):
   return model.getvalue()
 
 
-def train_tokenizer(texts, vocab_size, output_path, model_type="bpe",
-                    max_chars=20_000_000):
+def train_tokenizer(texts, vocab_size, output_path, model_type="bpe", max_chars=None):
   """Trains a byte-fallback SentencePiece model on `texts` and writes it to output_path.
 
   Args:
@@ -87,7 +86,8 @@ def train_tokenizer(texts, vocab_size, output_path, model_type="bpe",
     vocab_size: number of pieces, including the 4 special ids and 256 byte pieces.
     output_path: where the .model file goes (its directory is created).
     model_type: 'bpe' or 'unigram'.
-    max_chars: cap on the training characters read from `texts`.
+    max_chars: cap on the training characters read from `texts` (None: read them all); the
+      budget of calm-train and calm-tokenizer is config.data.tokenizer_max_chars.
 
   Returns:
     The loaded `Tokenizer`.

@@ -66,42 +66,47 @@ def _dense(c, features, axes, name, dtype, use_bias=True):
   return Dense(features, axes, c.init_std, use_bias=use_bias, dtype=dtype, name=name)
 
 
-class Encoder(nn.Module):
-  """Token embeddings x_NxKxD -> (mean_Nxl, log_std_Nxl) in float32."""
+def _residual_layers(module, x, num_layers, field, middle):
+  """The 2 * half AELayers layers_0.. of `module`, with middle(x) between the two halves."""
+  half = _stage_layers(num_layers, field)
+  for i in range(2 * half):
+    if i == half:
+      x = middle(x)
+    x = AELayer(module.config, dtype=module.dtype, name=f"layers_{i}")(x)
+  return x
+
+
+class _ResidualStack(nn.Module):
+  """The encoder's and decoder's fields: the model config and the compute dtype."""
   config: object
   dtype: jnp.dtype = jnp.float32
+
+
+class Encoder(_ResidualStack):
+  """Token embeddings x_NxKxD -> (mean_Nxl, log_std_Nxl) in float32."""
 
   @nn.compact
   def __call__(self, x_NxKxD):
     c = self.config
-    half = _stage_layers(c.encoder_layers, "encoder_layers")
-    x = x_NxKxD
-    for i in range(2 * half):
-      if i == half:      # squeeze: the K token vectors become one
-        x = x.reshape(x.shape[0], 1, -1)
-        x = _dense(c, c.hidden, ("mlp", "embed"), "squeeze", self.dtype)(x)
-      x = AELayer(c, dtype=self.dtype, name=f"layers_{i}")(x)
+    squeeze = lambda x: _dense(c, c.hidden, ("mlp", "embed"), "squeeze", self.dtype)(
+        x.reshape(x.shape[0], 1, -1))            # the K token vectors become one
+    x = _residual_layers(self, x_NxKxD, c.encoder_layers, "encoder_layers", squeeze)
     x = RMSNorm(c.norm_eps, dtype=self.dtype, name="norm")(x)
     latent = _dense(c, 2 * c.latent_dim, ("embed", "latent"), "to_latent", self.dtype)(x)
     mean, log_std = jnp.split(jnp.asarray(latent[:, 0], jnp.float32), 2, axis=-1)
     return mean, log_std
 
 
-class Decoder(nn.Module):
+class Decoder(_ResidualStack):
   """z_Nxl -> normed hidden states h_NxKxD (the caller projects to the vocab)."""
-  config: object
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z_Nxl):
     c = self.config
-    half = _stage_layers(c.decoder_layers, "decoder_layers")
+    expand = lambda x: _dense(c, c.patch_size * c.hidden, ("embed", "mlp"), "expand",
+                              self.dtype)(x).reshape(x.shape[0], c.patch_size, c.hidden)
     x = _dense(c, c.hidden, ("latent", "embed"), "from_latent", self.dtype)(z_Nxl[:, None])
-    for i in range(2 * half):
-      if i == half:      # expand: one vector becomes K token vectors
-        x = _dense(c, c.patch_size * c.hidden, ("embed", "mlp"), "expand", self.dtype)(x)
-        x = x.reshape(x.shape[0], c.patch_size, c.hidden)
-      x = AELayer(c, dtype=self.dtype, name=f"layers_{i}")(x)
+    x = _residual_layers(self, x, c.decoder_layers, "decoder_layers", expand)
     return RMSNorm(c.norm_eps, dtype=self.dtype, name="norm")(x)
 
 

@@ -48,7 +48,7 @@ class InputCompression(nn.Module):
 
 
 class CALM(nn.Module):
-  """The stage-2 model; see the module docstring and SPEC.md for the methods."""
+  """The stage-2 model; see the module docstring for the params and the methods below."""
   config: Any
   ae_config: Any
   dtype: Any = jnp.float32
@@ -130,6 +130,10 @@ class CALM(nn.Module):
   def sample_latent(self, h_xD):
     """One head sample per backbone vector: z [..., l] (rng stream 'sample')."""
     return self.head.sample(h_xD)
+
+  def sample_chunk(self, h_xD):
+    """One head sample per backbone vector, decoded by argmax: int32[..., K] (rng 'sample')."""
+    return jnp.argmax(self.decode_latent(self.sample_latent(h_xD)), axis=-1).astype(jnp.int32)
 
   def decode_latent(self, z_xl):
     """The frozen decoder: z [..., l] -> logits [..., K, V]."""

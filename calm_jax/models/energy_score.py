@@ -91,8 +91,3 @@ def energy_terms(x_NxBxl, y_MxBxl, beta):
   diversity_B = _diversity(x_NxBxl, beta)
   return fidelity_B, diversity_B
 
-
-def energy_loss(x_NxBxl, y_MxBxl, beta):
-  """Per-position energy loss loss_B = 2 * fidelity_B - diversity_B (lower is better)."""
-  fidelity_B, diversity_B = energy_terms(x_NxBxl, y_MxBxl, beta)
-  return 2.0 * fidelity_B - diversity_B

@@ -110,6 +110,3 @@ class Transformer(nn.Module):
     """Incremental decoding: appends T positions at cache['pos']; returns (h_BxTxD, cache)."""
     return self(x_BxTxD, cache)
 
-  def init_cache(self, batch_size, max_len):
-    """An empty cache in the compute dtype (needs no params)."""
-    return init_cache(self.config, batch_size, max_len, self.dtype)

@@ -9,9 +9,6 @@ from calm_jax.models.heads.flow import FlowHead
 
 HEADS = {"energy": EnergyHead, "flow": FlowHead, "diffusion": DiffusionHead}
 
-# The per-position training loss each head reports under its own name.
-LOSS_NAMES = {"energy": "energy_loss", "flow": "flow_loss", "diffusion": "diffusion_loss"}
-
 
 def build_head(model_config, dtype, name="head"):
   """The head named by model_config.head ('energy' | 'flow' | 'diffusion')."""

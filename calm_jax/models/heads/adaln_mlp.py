@@ -91,3 +91,14 @@ class AdaLNMLP(nn.Module):
     shift, scale = jnp.split(self.final_modulation(nn.silu(y)), 2, axis=-1)
     out = self.final_out(modulate(self.final_norm(x), shift, scale))
     return jnp.asarray(out, jnp.float32)
+
+
+class AdaLNHead(nn.Module):
+  """The flow and diffusion heads' common part: their fields and the AdaLN MLP `net`."""
+  model_config: Any
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg = self.model_config
+    self.net = AdaLNMLP(cfg.hidden, cfg.latent_dim, cfg.num_head_blocks, cfg.layer_norm_eps,
+                        self.dtype, name="net")

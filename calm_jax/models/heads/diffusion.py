@@ -17,7 +17,6 @@ evenly spaced from T-1 down to 0, then one last step to ab = 1 (the clean latent
 The only randomness is the initial Gaussian noise (rng stream 'sample').
 """
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -47,15 +46,8 @@ def sampling_timesteps(num_train_steps, num_sample_steps):
   return np.round(np.linspace(num_train_steps - 1, 0, num_sample_steps)).astype(np.int32)
 
 
-class DiffusionHead(nn.Module):
+class DiffusionHead(adaln_mlp.AdaLNHead):
   """Diffusion head; methods loss(h, mean, log_std) and sample(h) (rng stream 'sample')."""
-  model_config: Any
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    cfg = self.model_config
-    self.net = adaln_mlp.AdaLNMLP(cfg.hidden, cfg.latent_dim, cfg.num_head_blocks,
-                                  cfg.layer_norm_eps, self.dtype, name="net")
 
   def _time(self, t_int):
     """Integer timestep -> the network's time input in [0, TIME_SCALE)."""

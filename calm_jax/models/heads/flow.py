@@ -7,7 +7,6 @@ head_batch_mul independent (y, x0, t) draws per position, averaged.
 Sampling integrates dx/dt = v_pred from t = 0 to 1 in model.flow_steps midpoint steps
 (2 network calls per step).
 """
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,15 +23,8 @@ def _midpoint_step(head, x_xl, t_x, dt, cond_xD):
   return x_xl + dt * v_mid
 
 
-class FlowHead(nn.Module):
+class FlowHead(adaln_mlp.AdaLNHead):
   """Flow-matching head; methods loss(h, mean, log_std) and sample(h) (rng stream 'sample')."""
-  model_config: Any
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    cfg = self.model_config
-    self.net = adaln_mlp.AdaLNMLP(cfg.hidden, cfg.latent_dim, cfg.num_head_blocks,
-                                  cfg.layer_norm_eps, self.dtype, name="net")
 
   def loss(self, h_NxD, mean_Nxl, log_std_Nxl):
     """Velocity MSE per position: (loss_N, {'flow_loss': loss_N})."""

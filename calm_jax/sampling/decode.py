@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import temperature as temperature_lib
+from calm_jax import errors
+from calm_jax.sampling import temperature as temperature_lib
 
 
 # A hashable copy of config.sampling (a static argument of the jitted loops).
@@ -40,6 +41,10 @@ Sampling = collections.namedtuple(
 
 # The tokenizer's ids the loops need: EOS ends a row, PAD fills it afterwards.
 SpecialIds = collections.namedtuple("SpecialIds", ["eos", "pad"])
+
+# A stage's sampler: prompt(ids) -> one prompt row (int32 [T, K] for CALM, [P] for AR);
+# generate(params, prompts, rng) -> (tokens [B, >= max_tokens], stats), jitted.
+Sampler = collections.namedtuple("Sampler", ["prompt", "generate"])
 
 
 def special_ids(tokenizer):
@@ -80,9 +85,7 @@ def _calm_draw(model, variables, h_BxD):
 
   def draw(rng, num):
     h_NxBxD = jnp.broadcast_to(h_BxD, (num,) + h_BxD.shape)
-    z = model.apply(variables, h_NxBxD, method="sample_latent", rngs={"sample": rng})
-    logits = model.apply(variables, z, method="decode_latent")
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return model.apply(variables, h_NxBxD, method=model.sample_chunk, rngs={"sample": rng})
 
   return draw
 
@@ -108,6 +111,24 @@ def _sample_chunk(draw, rng, sampling):
                    "'batch_approx'.")
 
 
+def _prefill(model, variables, prompt, total, use_cache, recompute):
+  """(the model's output at the prompt's last position, cache): a KV-cache prefill of
+  `total` positions, or recompute() and no cache (use_cache=False)."""
+  if not use_cache:
+    return recompute(), None
+  cache = model.apply(variables, prompt.shape[0], total, method=model.init_cache)
+  out, cache = model.apply(variables, prompt, cache, method=model.extend)
+  return out[:, -1], cache
+
+
+def _advance(model, variables, new, cache, use_cache, recompute):
+  """(the model's output after the one new position `new`, cache): extend, or recompute()."""
+  if not use_cache:
+    return recompute(), cache
+  out, cache = model.apply(variables, new[:, None], cache, method=model.extend)
+  return out[:, 0], cache
+
+
 def make_calm_generate(model, *, num_chunks, sampling, ids, use_cache=True):
   """The jitted CALM continuation f(params, prompt_BxTpxK, rng) -> (tokens_Bx(num_chunks*K), stats)."""
   return jax.jit(functools.partial(calm_generate, model, num_chunks=num_chunks,
@@ -130,15 +151,11 @@ def calm_generate(model, params, prompt_BxTpxK, rng, *, num_chunks, sampling, id
   def hidden_at(buf, c):
     """No-cache path: the backbone state after chunk c, recomputed over the whole buffer."""
     tokens = jnp.concatenate([buf, jnp.zeros((b, 1, k), jnp.int32)], axis=1).reshape(b, -1)
-    h_BxTxD = model.apply(variables, tokens, method="hidden_states")
+    h_BxTxD = model.apply(variables, tokens, method=model.hidden_states)
     return jax.lax.dynamic_index_in_dim(h_BxTxD, c, axis=1, keepdims=False)
 
-  if use_cache:
-    cache = model.apply(variables, b, total, method="init_cache")
-    h_BxTpxD, cache = model.apply(variables, prompt_BxTpxK, cache, method="extend")
-    h_BxD = h_BxTpxD[:, -1]
-  else:
-    cache, h_BxD = None, hidden_at(buf_BxTxK, tp - 1)
+  h_BxD, cache = _prefill(model, variables, prompt_BxTpxK, total, use_cache,
+                          lambda: hidden_at(buf_BxTxK, tp - 1))
 
   def cond(carry):
     i, _, _, _, done_B, _, _ = carry
@@ -151,11 +168,8 @@ def calm_generate(model, params, prompt_BxTpxK, rng, *, num_chunks, sampling, id
     chunk_BxK = jnp.where(done_B[:, None], ids.pad, chunk_BxK)
     buf = jax.lax.dynamic_update_slice(buf, chunk_BxK[:, None], (0, tp + i, 0))
     done_B = done_B | jnp.any(chunk_BxK == ids.eos, axis=-1)
-    if use_cache:
-      h_Bx1xD, cache = model.apply(variables, chunk_BxK[:, None], cache, method="extend")
-      h_BxD = h_Bx1xD[:, 0]
-    else:
-      h_BxD = hidden_at(buf, tp + i)
+    h_BxD, cache = _advance(model, variables, chunk_BxK, cache, use_cache,
+                            lambda: hidden_at(buf, tp + i))
     return (i + 1, buf, cache, h_BxD, done_B, fallbacks + stats["num_fallbacks"],
             draws + jnp.sum(stats["num_draws"]))
 
@@ -190,15 +204,11 @@ def ar_generate(model, params, prompt_BxP, rng, *, max_tokens, temperature, top_
   buf_BxT = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_BxP)
 
   def logits_at(buf, t):
-    logits_BxTxV = model.apply(variables, buf, method="logits")
+    logits_BxTxV = model.apply(variables, buf, method=model.logits)
     return jax.lax.dynamic_index_in_dim(logits_BxTxV, t, axis=1, keepdims=False)
 
-  if use_cache:
-    cache = model.apply(variables, b, total, method="init_cache")
-    logits_BxPxV, cache = model.apply(variables, prompt_BxP, cache, method="extend")
-    logits_BxV = logits_BxPxV[:, -1]
-  else:
-    cache, logits_BxV = None, logits_at(buf_BxT, p - 1)
+  logits_BxV, cache = _prefill(model, variables, prompt_BxP, total, use_cache,
+                               lambda: logits_at(buf_BxT, p - 1))
 
   def cond(carry):
     i, _, _, _, done_B = carry
@@ -210,11 +220,8 @@ def ar_generate(model, params, prompt_BxP, rng, *, max_tokens, temperature, top_
     token_B = jnp.where(done_B, ids.pad, token_B)
     buf = jax.lax.dynamic_update_slice(buf, token_B[:, None], (0, p + i))
     done_B = done_B | (token_B == ids.eos)
-    if use_cache:
-      logits_Bx1xV, cache = model.apply(variables, token_B[:, None], cache, method="extend")
-      logits_BxV = logits_Bx1xV[:, 0]
-    else:
-      logits_BxV = logits_at(buf, p + i)
+    logits_BxV, cache = _advance(model, variables, token_B, cache, use_cache,
+                                 lambda: logits_at(buf, p + i))
     return i + 1, buf, cache, logits_BxV, done_B
 
   carry = (jnp.zeros((), jnp.int32), buf_BxT, cache, logits_BxV, jnp.zeros((b,), bool))
@@ -231,3 +238,26 @@ def until_eos(tokens, ids):
     if t != ids.pad:
       out.append(t)
   return out
+
+
+def calm_sampler(model, config, sampling, ids):
+  """CALM's Sampler: prompts left-filled to whole chunks, likelihood-free temperature sampling."""
+  k = config.model.patch_size
+  if not 0.0 < sampling.temperature <= 1.0:
+    raise errors.UserError(f"--temperature={sampling.temperature}: CALM samples without "
+                           "likelihoods and supports T in (0, 1].")
+  eos_boundary = config.data.document_eos
+  fill = ids.eos if eos_boundary else ids.pad
+  prompt = lambda token_ids: calm_prompt(token_ids, k, fill, boundary=eos_boundary).reshape(-1, k)
+  return Sampler(prompt, make_calm_generate(model, num_chunks=-(-sampling.max_tokens // k),
+                                            sampling=sampling, ids=ids))
+
+
+def ar_sampler(model, config, sampling, ids):
+  """The AR baseline's Sampler: EOS then the prompt, softmax(logits / T) with optional top-k."""
+  if sampling.temperature <= 0.0:
+    raise errors.UserError(f"--temperature={sampling.temperature} must be > 0.")
+  eos = ids.eos if config.data.document_eos else None
+  return Sampler(lambda token_ids: ar_prompt(token_ids, eos), make_ar_generate(
+      model, max_tokens=sampling.max_tokens, temperature=float(sampling.temperature),
+      top_k=int(sampling.top_k), ids=ids))

@@ -16,8 +16,6 @@ from absl import app
 from absl import flags
 
 from calm_jax import cli
-from calm_jax import logging_setup
-from calm_jax import user_errors
 
 FLAGS = flags.FLAGS
 
@@ -35,31 +33,27 @@ def define_flags():
   flags.DEFINE_integer("step", None, "With --to hf: the checkpoint step (default: the latest).")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.setup()
+def main():
   from calm_jax.convert import workdirs  # pylint: disable=g-import-not-at-top
-  with user_errors.exit_on_user_error():
-    if FLAGS.to == "hf":
-      if FLAGS.autoencoder or FLAGS.tokenizer:
-        raise app.UsageError("--autoencoder and --tokenizer are for the import direction.")
-      summary = workdirs.export_checkpoint(FLAGS.input, FLAGS.output, FLAGS.step)
-      print(f"Wrote the {summary['kind']} (step {summary['step']}, {summary['tensors']} tensors) "
-            f"to {FLAGS.output}" + (f"; its autoencoder to {summary['autoencoder']}"
-                                    if "autoencoder" in summary else ""))
-      return
-    summary = workdirs.import_checkpoint(FLAGS.input, FLAGS.output, FLAGS.autoencoder,
-                                         FLAGS.tokenizer)
-    print(f"Converted the {summary['kind']} into {FLAGS.output} (params digest "
-          f"{summary['digest'][:16]}..., vocabulary {summary['vocab_size']})"
-          + (f"; its autoencoder into {summary['autoencoder']}" if "autoencoder" in summary
-             else ""))
+  if FLAGS.to == "hf":
+    if FLAGS.autoencoder or FLAGS.tokenizer:
+      raise app.UsageError("--autoencoder and --tokenizer are for the import direction.")
+    summary = workdirs.export_checkpoint(FLAGS.input, FLAGS.output, FLAGS.step)
+    print(f"Wrote the {summary['kind']} (step {summary['step']}, {summary['tensors']} tensors) "
+          f"to {FLAGS.output}" + (f"; its autoencoder to {summary['autoencoder']}"
+                                  if "autoencoder" in summary else ""))
+    return
+  summary = workdirs.import_checkpoint(FLAGS.input, FLAGS.output, FLAGS.autoencoder,
+                                       FLAGS.tokenizer)
+  print(f"Converted the {summary['kind']} into {FLAGS.output} (params digest "
+        f"{summary['digest'][:16]}..., vocabulary {summary['vocab_size']})"
+        + (f"; its autoencoder into {summary['autoencoder']}" if "autoencoder" in summary
+           else ""))
 
 
 def run():
   define_flags()
-  cli.run_app(main, ["input", "output"], ["calm_jax.convert.cli"])
+  cli.run_app(main, ["input", "output"], [__name__])
 
 
 if __name__ == "__main__":

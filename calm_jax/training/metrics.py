@@ -29,10 +29,6 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
 
-  def write_text(self, tag, text):
-    if self.enabled:
-      self._tb.add_text(tag, text)
-
   def close(self):
     if self.enabled:
       self._tb.close()

@@ -1,4 +1,4 @@
-"""The train state and the pure train/eval step functions shared by every stage.
+"""The train state, the pure train step shared by every stage, and the one jit of it (`jit_train_step`).
 
 CALM's frozen autoencoder params live outside the train state (`frozen`): they
 get no gradients and no optimizer moments. The train step skips an update whose
@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-FROZEN_KEYS = ("autoencoder",)
-
+from calm_jax.parallel import sharding
 
 @flax.struct.dataclass
 class TrainState:
@@ -22,13 +21,6 @@ class TrainState:
   opt_state: Any
   skipped: jax.Array         # int32: updates skipped for non-finite loss/grads
   last_bad_step: jax.Array   # int32: the latest skipped step, -1 if none
-
-
-def split_frozen(params):
-  """{'autoencoder': ..., rest} -> (trainable, frozen)."""
-  trainable = {k: v for k, v in params.items() if k not in FROZEN_KEYS}
-  frozen = {k: v for k, v in params.items() if k in FROZEN_KEYS}
-  return trainable, frozen
 
 
 def init_train_state(params, tx):
@@ -91,12 +83,16 @@ def make_train_step(model, tx, schedule, grad_accum_steps):
   return train_step
 
 
-def make_eval_step(model):
-  """eval_step(params, frozen, batch, rng) -> (metrics, weight); weight = valid tokens."""
 
-  def eval_step(params, frozen, batch, rng):
-    _, metrics = model.apply({"params": {**params, **frozen}}, batch, train=False,
-                             rngs=_rngs(rng))
-    return metrics, batch["mask"].sum().astype(jnp.float32)
+def jit_train_step(parts, mesh, axis_rules, grad_accum_steps):
+  """The train step jitted with the state's shardings (donated), for the loop, AOT and benchmarks.
 
-  return eval_step
+  parts: training.state.build's dict. Signature: (state, frozen, batch, rng) -> (state, metrics).
+  """
+  replicated = sharding.replicated(mesh)
+  return jax.jit(
+      make_train_step(parts["model"], parts["tx"], parts["schedule"], grad_accum_steps),
+      in_shardings=(parts["state_shardings"], parts["frozen_shardings"],
+                    sharding.batch_sharding(mesh, axis_rules), replicated),
+      out_shardings=(parts["state_shardings"], replicated),
+      donate_argnums=(0,))

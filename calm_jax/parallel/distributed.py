@@ -1,4 +1,4 @@
-"""Multi-host setup: the --distributed flags and the one jax.distributed.initialize() of a run.
+"""Multi-host setup: the plan from flags and environment, the one jax.distributed.initialize() of a run, barriers.
 
 Every process of a multi-host run calls initialize() first thing in main(),
 before any other JAX call. How it finds its peers:
@@ -24,9 +24,7 @@ import logging
 import os
 import pathlib
 
-from absl import flags
-
-from calm_jax import user_errors
+from calm_jax import errors
 
 MODES = ("auto", "on", "off")
 ENV_COORDINATOR = "CALM_COORDINATOR_ADDRESS"
@@ -38,24 +36,11 @@ _ENV = {"coordinator_address": ENV_COORDINATOR, "num_processes": ENV_NUM_PROCESS
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
-_MODE = flags.DEFINE_enum(
-    "distributed", "auto", MODES,
-    "Multi-host setup: auto = jax.distributed.initialize() when a cluster is detected (TPU pod, "
-    "srun with >1 task, mpirun, or the explicit coordinator flags/env below); on = always; "
-    "off = single process.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    f"HOST:PORT of process 0's coordinator service (env {ENV_COORDINATOR}).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, f"Number of processes of the run (env {ENV_NUM_PROCESSES}).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, f"This process's index in [0, num_processes) (env {ENV_PROCESS_ID}).")
-
 _initialized = False
 _barriers = 0
 
 
-class DistributedError(user_errors.UserError):
+class DistributedError(errors.UserError):
   """The multi-host flags or environment are inconsistent, or the peers could not be reached."""
 
 
@@ -204,18 +189,12 @@ def plan(mode, coordinator_address=None, num_processes=None, process_id=None, en
   return Plan(False, "no cluster detected")
 
 
-def _flag_values():
-  """The four flags' values, or the defaults when absl has not parsed the command line."""
-  if not flags.FLAGS.is_parsed():
-    return "auto", None, None, None
-  return _MODE.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-
-
 def initialize(mode=None, coordinator_address=None, num_processes=None, process_id=None):
   """Calls jax.distributed.initialize() once when the flags/environment ask for it.
 
-  Call it first in main(), before any other JAX call. Arguments override the
-  flags (None: use the flag). CPU collectives use gloo.
+  Call it first in main(), before any other JAX call. The arguments are the flags of
+  cli/train.py (mode None: 'auto'); the CALM_* env vars fill what they leave out. CPU
+  collectives use gloo.
 
   Returns:
     True if this call initialized the distributed system, False otherwise
@@ -228,11 +207,7 @@ def initialize(mode=None, coordinator_address=None, num_processes=None, process_
 
   if _initialized or jax.distributed.is_initialized():
     return False
-  flag_mode, flag_address, flag_count, flag_index = _flag_values()
-  the_plan = plan(mode or flag_mode,
-                  coordinator_address if coordinator_address is not None else flag_address,
-                  num_processes if num_processes is not None else flag_count,
-                  process_id if process_id is not None else flag_index)
+  the_plan = plan(mode or "auto", coordinator_address, num_processes, process_id)
   if not the_plan.initialize:
     logging.info("Single process (%s).", the_plan.reason)
     return False

@@ -11,6 +11,7 @@ import time
 
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
+from experiments import common
 
 _SUMMARY_DOCS = 200  # documents encoded for the characters-per-token summary
 
@@ -35,8 +36,9 @@ def _parse_args(argv):
   parser.add_argument("--vocab_size", type=int, required=True, help="number of pieces")
   parser.add_argument("--output", required=True, help="path of the .model file to write")
   parser.add_argument("--model_type", default="bpe", choices=tokenizer_lib.MODEL_TYPES)
-  parser.add_argument("--max_chars", type=int, default=20_000_000,
-                      help="characters sampled from the data for training")
+  parser.add_argument("--max_chars", type=int, default=common.data_config().tokenizer_max_chars,
+                      help="characters sampled from the data for training (default: "
+                      "config.data.tokenizer_max_chars of experiments/common.py)")
   parser.add_argument("--skip_bad_records", action="store_true",
                       help="skip malformed JSONL lines with a warning instead of failing")
   return parser.parse_args(argv)

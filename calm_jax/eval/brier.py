@@ -176,9 +176,14 @@ class BrierAccumulator:
 
   def result(self):
     """{'brier1'.. 'brierN': mean over valid positions (nan if none), 'brierlm' when N = 4}."""
-    means_N = self.sums_N / np.maximum(self.counts_N, 1)
-    means_N = np.where(self.counts_N > 0, means_N, np.nan)
-    out = {f"brier{n + 1}": float(m) for n, m in enumerate(means_N)}
-    if len(means_N) == MAX_N:
-      out["brierlm"] = float("nan") if np.isnan(means_N).any() else brierlm(means_N)
-    return out
+    return result_from_sums(self.sums_N, self.counts_N)
+
+
+def result_from_sums(sums_N, counts_N):
+  """{'brier1'.. 'brierN': sums / counts (nan where a count is 0), 'brierlm' when N = 4}."""
+  sums_N, counts_N = np.asarray(sums_N, np.float64), np.asarray(counts_N, np.float64)
+  means_N = np.where(counts_N > 0, sums_N / np.maximum(counts_N, 1), np.nan)
+  out = {f"brier{n + 1}": float(m) for n, m in enumerate(means_N)}
+  if len(means_N) == MAX_N:
+    out["brierlm"] = float("nan") if np.isnan(means_N).any() else brierlm(means_N)
+  return out

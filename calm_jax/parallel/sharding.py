@@ -13,12 +13,12 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from calm_jax import user_errors
+from calm_jax import errors
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(user_errors.UserError, ValueError):
+class MeshError(errors.UserError, ValueError):
   """A mesh config that does not fit the devices or the batch."""
 
 

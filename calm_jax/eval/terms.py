@@ -1,9 +1,8 @@
-"""Per-batch evaluation terms of each stage (pure, jittable): Brier-n sums for CALM and the AR baseline.
+"""Per-batch evaluation terms of each stage (pure, jittable): the model's metrics, Brier-n sums for CALM and AR.
 
 Every function takes (model, params, batch, rng) with batch = {'tokens', 'mask'}:
 int32[B, L] blocks of the eval stream, and returns sums and counts that the host
-adds up across batches (brier.BrierAccumulator), so the mean is over valid
-positions only: a position is counted for Brier-n iff its next n tokens lie in
+adds up across batches (eval/evaluator.py), so the mean is over valid positions only: a position is counted for Brier-n iff its next n tokens lie in
 the block and all have mask 1 (brier.ngram_valid).
 
 CALM (likelihood-free, as the reference's eval_brier). Position t of a block of
@@ -37,20 +36,43 @@ import math
 import jax
 import jax.numpy as jnp
 
-from calm_jax import brier
+from calm_jax.eval import brier
 
 N = brier.MAX_N
+
+
+def model_metric_terms(model):
+  """f(params, batch, rng) -> (the model's eval metrics, valid tokens): weighted means on the host.
+
+  The trainer's periodic eval (every stage) and the autoencoder's calm-eval.
+  """
+
+  def terms(params, batch, rng):
+    dropout, sample = jax.random.split(rng)
+    _, metrics = model.apply({"params": params}, batch, train=False,
+                             rngs={"dropout": dropout, "sample": sample})
+    return metrics, batch["mask"].sum().astype(jnp.float32)
+
+  return terms
+
+
+def brier_sum_terms(fn):
+  """calm_terms / ar_terms as f(params, batch, rng) -> ({brier_sums, brier_counts, loss_sum,
+  loss_count}, 1): the evaluator's (sums, weight) form."""
+
+  def terms(params, batch, rng):
+    sums_N, counts_N, loss_sum, loss_count = fn(params, batch, rng)
+    return (dict(brier_sums=sums_N, brier_counts=counts_N, loss_sum=loss_sum,
+                 loss_count=loss_count), jnp.ones((), jnp.float32))
+
+  return terms
 
 
 def _sample_chunks(model, variables, h_xD, rng, num=2):
   """num independent head samples per state, decoded by argmax: int32[num, ..., K]."""
 
-  def one(key):
-    z = model.apply(variables, h_xD, method="sample_latent", rngs={"sample": key})
-    logits = model.apply(variables, z, method="decode_latent")
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  return jnp.stack([one(key) for key in jax.random.split(rng, num)])
+  return jnp.stack([model.apply(variables, h_xD, method=model.sample_chunk, rngs={"sample": key})
+                    for key in jax.random.split(rng, num)])
 
 
 def _per_position(fn, positions_P, xs, position_batch):
@@ -100,8 +122,8 @@ def calm_terms(model, params, batch, rng, position_batch, num_samples=2):
   loss_sum = metrics["loss"] * loss_count
 
   chunks_BxTxK = tokens_BxL.reshape(b, num_chunks, k)
-  cache = model.apply(variables, b, positions + m, method="init_cache")
-  h_BxPxD, cache = model.apply(variables, chunks_BxTxK[:, :positions], cache, method="extend")
+  cache = model.apply(variables, b, positions + m, method=model.init_cache)
+  h_BxPxD, cache = model.apply(variables, chunks_BxTxK[:, :positions], cache, method=model.extend)
   samples_SxBxPxK = _sample_chunks(model, variables, h_BxPxD, rng_sample, num_samples)
   if k >= N:
     return (*sampled_chunk_terms(samples_SxBxPxK, tokens_BxL, mask_BxL), loss_sum, loss_count)
@@ -119,7 +141,7 @@ def calm_terms(model, params, batch, rng, position_batch, num_samples=2):
     c = dict(cache, pos=t + 1)
     same, x = [first1_BxK == first2_BxK], first1_BxK
     for j in range(1, m):
-      h_Bx1xD, c = model.apply(variables, x[:, None, :], c, method="extend")
+      h_Bx1xD, c = model.apply(variables, x[:, None, :], c, method=model.extend)
       a_BxK, c2_BxK = _sample_chunks(model, variables, h_Bx1xD[:, 0], jax.random.fold_in(key, j))
       same.append(a_BxK == c2_BxK)
       x = a_BxK
@@ -141,8 +163,8 @@ def ar_terms(model, params, batch, rng, position_batch):
   mask_BxL = jnp.asarray(batch["mask"], jnp.int32)
   b, length = tokens_BxL.shape
   positions = length - 1          # position t predicts token t+1
-  cache = model.apply(variables, b, positions + N, method="init_cache")
-  logits_BxPxV, cache = model.apply(variables, tokens_BxL[:, :positions], cache, method="extend")
+  cache = model.apply(variables, b, positions + N, method=model.init_cache)
+  logits_BxPxV, cache = model.apply(variables, tokens_BxL[:, :positions], cache, method=model.extend)
   logp_BxPxV = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
   targets_BxP = tokens_BxL[:, 1:]
   target_logp_BxP = jnp.take_along_axis(logp_BxPxV, targets_BxP[..., None], axis=-1)[..., 0]
@@ -164,7 +186,7 @@ def ar_terms(model, params, batch, rng, position_batch):
     c = dict(cache, pos=t + 1)
     x1, x2, coll, x = [first1_B], [first2_B], [], first1_B
     for j in range(1, N):
-      logits_Bx1xV, c = model.apply(variables, x[:, None], c, method="extend")
+      logits_Bx1xV, c = model.apply(variables, x[:, None], c, method=model.extend)
       logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
       coll.append(brier.sum_sq_probs(logits_BxV))
       ka, kb = jax.random.split(jax.random.fold_in(key, j))

@@ -1,6 +1,4 @@
-r"""calm-diagnose: where a trained CALM run stands between oracles and baselines, with a one-line verdict.
-
-  calm-diagnose --workdir W [--max_tokens 20000] [--train_tokens 200000] [--seed 0]
+"""Where a trained CALM run stands between oracles and baselines, with a one-line verdict (calm-diagnose).
 
 A CALM run that "trains" can still have learned nothing: its energy loss falls while its
 samples decode to junk. This tool measures the three things that decide it, on the eval
@@ -25,18 +23,14 @@ import collections
 import json
 import os
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import cli
-from calm_jax import evaluate
-from calm_jax import logging_setup
-from calm_jax import restore
-from calm_jax import user_errors
+from calm_jax import runs
+from calm_jax import stages
 from calm_jax.data import pipeline
+from calm_jax.eval import evaluator
 from calm_jax.models import energy_score
 
 NOISE_SIGMAS = (0.1, 0.3, 0.5, 1.0)
@@ -230,13 +224,14 @@ def verdict(report):
           f"oracle; BrierLM {ev['brierlm']:.3f} (unigram {ev['unigram']['brierlm']:.3f}).")
 
 
-def diagnose(workdir, max_tokens=20_000, train_tokens=200_000, seed=0):
-  """The full report of a CALM run (see the module docstring); also written to diagnose.json."""
-  run = restore.load_run(workdir)
-  if run.config.stage != "calm":
-    raise user_errors.UserError(
-        f"{workdir} is a {run.config.stage!r} run; calm-diagnose needs a CALM (stage 2) run. "
-        "For an autoencoder or AR run use calm-eval.")
+def diagnose(workdir, max_tokens=20_000, train_tokens=200_000, seed=0, fill_config=None):
+  """The full report of a CALM run (see the module docstring); also written to diagnose.json.
+
+  fill_config: completes an older config.json (runs.open_run).
+  """
+  run = runs.open_run(workdir, fill_config=fill_config)
+  stages.require(run.config, ("calm",), f"{workdir} is a {{stage!r}} run; calm-diagnose needs a "
+                 "CALM (stage 2) run. For an autoencoder or AR run use calm-eval.")
   rng = np.random.default_rng(seed)
   evals = _positions(run, "eval", max_tokens)
   train = _positions(run, "train", train_tokens)
@@ -249,7 +244,7 @@ def diagnose(workdir, max_tokens=20_000, train_tokens=200_000, seed=0):
       "probe_r2": probe_r2(train, evals),
       "model_real_chunk_fraction": real_chunk_fraction(run, train, model_z),
       "bigram_chunk_model": bigram_chunk_brier(train, evals, bigram_idx),
-      "eval": evaluate.evaluate_run(run, max_tokens=max_tokens, seed=seed, progress=False),
+      "eval": evaluator.evaluate_run(run, max_tokens=max_tokens, seed=seed, progress=False),
   }
   report["verdict"] = verdict(report)
   if jax.process_index() == 0:
@@ -277,26 +272,3 @@ def format_report(report):
   lines.append(f"verdict: {report['verdict']}")
   return "\n".join(lines)
 
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.setup()
-  with user_errors.exit_on_user_error():
-    report = diagnose(flags.FLAGS.workdir, flags.FLAGS.max_tokens, flags.FLAGS.train_tokens,
-                      flags.FLAGS.seed)
-    print(format_report(report))
-    print(f"wrote {os.path.join(flags.FLAGS.workdir, 'diagnose.json')}")
-
-
-def run():
-  if "workdir" not in flags.FLAGS:
-    flags.DEFINE_string("workdir", None, "A CALM calm-train run directory.")
-  flags.DEFINE_integer("max_tokens", 20_000, "Eval tokens measured.")
-  flags.DEFINE_integer("train_tokens", 200_000, "Training tokens for the conditional oracles.")
-  flags.DEFINE_integer("seed", 0, "Seed of every sample drawn.")
-  cli.run_app(main, ["workdir"], ["calm_jax.diagnose"])
-
-
-if __name__ == "__main__":
-  run()

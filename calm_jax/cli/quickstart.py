@@ -20,24 +20,21 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 
 from calm_jax import cli
-from calm_jax import config_lib
-from calm_jax import evaluate
-from calm_jax import generation
-from calm_jax import logging_setup
-from calm_jax import restore
-from calm_jax import sampling
-from calm_jax import train
-from calm_jax import user_errors
+from calm_jax import config as config_lib
+from calm_jax import runs
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
+from calm_jax.eval import evaluator
+from calm_jax.sampling import decode
+from calm_jax.sampling import generate
+from calm_jax.training import loop
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "experiments")
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "experiments")
 CORPUS = "builtin:python_docs"
 PROMPT = "The function returns"
 
@@ -102,7 +99,7 @@ def run_quickstart(workdir, small=False, devices=None):
   ae_dir = os.path.join(workdir, "autoencoder")
   ae_config = _config("autoencoder.py:size=tiny", p, tokenizer_path, p["ae_batch"],
                       p["ae_steps"], p["ae_lr"], p["seq_len"])
-  train.train_and_evaluate(ae_config, ae_dir, devices)
+  loop.train_and_evaluate(ae_config, ae_dir, devices)
   timings["autoencoder"] = time.perf_counter() - t
 
   t = _stage("3/5 calm (energy head)")
@@ -111,23 +108,23 @@ def run_quickstart(workdir, small=False, devices=None):
                         p["calm_steps"], p["calm_lr"], p["calm_seq_len"],
                         autoencoder=dict(workdir=os.path.abspath(ae_dir)))
   calm_config.model.latent_dim = ae_config.model.latent_dim
-  train.train_and_evaluate(calm_config, calm_dir, devices)
+  loop.train_and_evaluate(calm_config, calm_dir, devices)
   timings["calm"] = time.perf_counter() - t
 
   t = _stage("4/5 eval")
-  ae_run = restore.load_run(ae_dir, devices=devices)
-  ae_result = evaluate.evaluate_run(ae_run)
-  calm_run = restore.load_run(calm_dir, devices=devices)
-  calm_result = evaluate.evaluate_run(calm_run)
+  ae_run = runs.open_run(ae_dir, devices=devices)
+  ae_result = evaluator.evaluate_run(ae_run)
+  calm_run = runs.open_run(calm_dir, devices=devices)
+  calm_result = evaluator.evaluate_run(calm_run)
   for name, result in (("autoencoder", ae_result), ("calm", calm_result)):
     with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
       json.dump(result, f, indent=2)
   timings["eval"] = time.perf_counter() - t
 
   t = _stage("5/5 sample")
-  spec = generation.frozen_sampling(calm_run.config.sampling, max_tokens=p["sample_tokens"],
+  spec = decode.frozen_sampling(calm_run.config.sampling, max_tokens=p["sample_tokens"],
                                     num_samples=1)
-  sample = sampling.generate(calm_run, PROMPT, spec)
+  sample = generate.generate(calm_run, PROMPT, spec)
   print(f"{PROMPT}{sample['texts'][0]}")
   timings["sample"] = time.perf_counter() - t
 
@@ -154,7 +151,7 @@ def run_quickstart(workdir, small=False, devices=None):
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   print("\n== summary (also in %s)" % os.path.join(workdir, "summary.json"))
-  print(evaluate.format_table({k: v for k, v in summary.items() if k != "seconds"}
+  print(evaluator.format_table({k: v for k, v in summary.items() if k != "seconds"}
                               | {f"seconds[{k}]": v for k, v in summary["seconds"].items()}))
   print(unigram_verdict(calm_result))
   sys.stdout.flush()
@@ -173,19 +170,14 @@ def unigram_verdict(result):
           "calm-diagnose --workdir on the calm run to see why.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.setup()
-  with user_errors.exit_on_user_error():
-    run_quickstart(flags.FLAGS.workdir, flags.FLAGS.small, jax.devices()[:1])
+def main():
+  run_quickstart(flags.FLAGS.workdir, flags.FLAGS.small, jax.devices()[:1])
 
 
 def run():
-  if "workdir" not in flags.FLAGS:
-    flags.DEFINE_string("workdir", None, "Directory for every stage of the quickstart.")
+  flags.DEFINE_string("workdir", None, "Directory for every stage of the quickstart.")
   flags.DEFINE_bool("small", False, "A shrunken pipeline (seconds of training) for tests.")
-  cli.run_app(main, ["workdir"], ["calm_jax.quickstart", "calm_jax.train"])
+  cli.run_app(main, ["workdir"], [__name__])
 
 
 if __name__ == "__main__":

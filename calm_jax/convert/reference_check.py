@@ -1,6 +1,6 @@
-r"""Checks calm_jax against a reference-CALM fixture: convert its weights, run, compare every out/ array.
+r"""The check of calm_jax against a reference-CALM fixture: convert its weights, run, compare every out/ array.
 
-  python -m calm_jax.tools.reference_check FIXTURE.npz [--json FIXTURE.json] [--tol 1e-5]
+  python -m calm_jax.cli.reference_check FIXTURE.npz [--json FIXTURE.json] [--tol 1e-5]
 
 A fixture (format of ../shared/data/reference_calm/, README there) is an npz with the
 reference's state dicts (params/ae/*, params/calm/*), inputs (in/), every random draw
@@ -15,13 +15,11 @@ the saved noise injected through their noise arguments (Autoencoder.__call__,
 CALM.__call__, EnergyHead.loss/generate), in float32, the backbone unscanned so that
 every layer's output can be read (flax capture_intermediates). One row per out/
 array: max |ours - ref|, that divided by max |ref| (the error relative to the array's
-scale), and pass iff the latter is <= --tol. Exit status 1 if any row fails (or an
+scale), and pass iff the latter is <= --tol. The command exits 1 if any row fails (or an
 out/ array has no calm_jax counterpart), 2 if the fixture cannot be read.
 """
-import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -66,7 +64,7 @@ def convert(arrays, meta, source):
   import jax  # pylint: disable=g-import-not-at-top
   from calm_jax.convert import hf_config  # pylint: disable=g-import-not-at-top
   from calm_jax.convert import keymap  # pylint: disable=g-import-not-at-top
-  from calm_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from calm_jax.stages import build_model  # pylint: disable=g-import-not-at-top
 
   kwargs = meta["config_kwargs"]
   ae_config = hf_config.autoencoder_config(kwargs["autoencoder"], source + " autoencoder")
@@ -118,7 +116,7 @@ def autoencoder_outputs(parts, arrays):
   b, length = ids_BxL.shape
   k, half_e, half_d = c.patch_size, c.encoder_layers // 2, c.decoder_layers // 2
   out = {}
-  (mean, log_std), state = m.apply(variables, ids_BxL.reshape(-1, k), method="encode",
+  (mean, log_std), state = m.apply(variables, ids_BxL.reshape(-1, k), method=m.encode,
                                    capture_intermediates=_capture, mutable=["intermediates"])
   inter = state["intermediates"]["encoder"]
   for i in range(c.encoder_layers):
@@ -129,7 +127,7 @@ def autoencoder_outputs(parts, arrays):
   out["latent_mean"], out["latent_log_std"] = mean, log_std
   out["encoder_latent"] = jnp.concatenate([mean, log_std], axis=-1)
 
-  logits, state = m.apply(variables, mean, method="decode", capture_intermediates=_capture,
+  logits, state = m.apply(variables, mean, method=m.decode, capture_intermediates=_capture,
                           mutable=["intermediates"])
   inter = state["intermediates"]["decoder"]
   out["decoder_logits_from_mean"] = logits
@@ -164,13 +162,13 @@ def autoencoder_outputs(parts, arrays):
 
 def _brier_from_latents(parts, variables, z_2xBxPxl, targets_BxPK):
   """Brier-1..4 means of two latent samples per position against the true chunks (K >= 4)."""
-  from calm_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from calm_jax.eval import terms  # pylint: disable=g-import-not-at-top
   m = parts["calm_model"]
-  logits = [m.apply(variables, z_2xBxPxl[s], method="decode_latent") for s in (0, 1)]
+  logits = [m.apply(variables, z_2xBxPxl[s], method=m.decode_latent) for s in (0, 1)]
   s1, s2 = (np.argmax(np.asarray(x), axis=-1).astype(np.int32) for x in logits)
   b, p, k = s1.shape
   tokens = np.concatenate([np.zeros((b, k), np.int32), np.asarray(targets_BxPK, np.int32)], 1)
-  sums, counts = eval_lib.sampled_chunk_terms(np.stack([s1, s2]), tokens, np.ones_like(tokens))
+  sums, counts = terms.sampled_chunk_terms(np.stack([s1, s2]), tokens, np.ones_like(tokens))
   return logits, np.asarray(sums) / np.asarray(counts)
 
 
@@ -270,28 +268,3 @@ def run_check(npz_path, json_path=None, tol=TOLERANCE):
   with jax.default_matmul_precision("highest"):
     ours = {**autoencoder_outputs(parts, arrays), **calm_outputs(parts, arrays)}
   return compare(arrays, ours, tol), time.perf_counter() - start
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("fixture", help="FIXTURE.npz (the json beside it, or --json)")
-  parser.add_argument("--json", default=None, help="the fixture's json (default: beside the npz)")
-  parser.add_argument("--tol", type=float, default=TOLERANCE,
-                      help="max error relative to the array's max |value| (default 1e-5)")
-  args = parser.parse_args(argv)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from calm_jax import user_errors  # pylint: disable=g-import-not-at-top
-  try:
-    rows, seconds = run_check(args.fixture, args.json, args.tol)
-  except (FileNotFoundError, ValueError, KeyError, user_errors.UserError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_rows(rows, args.tol))
-  failed = [r[0] for r in rows if not r[4]]
-  print(f"{len(rows) - len(failed)}/{len(rows)} arrays within {args.tol:g} "
-        f"({seconds:.1f} s){'; FAILED: ' + ', '.join(failed) if failed else ''}")
-  return 1 if failed else 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -17,7 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from calm_jax import brier
+from calm_jax.eval import brier
 from calm_jax.data import pipeline
 from calm_jax.data import sources
 

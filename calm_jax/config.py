@@ -1,14 +1,15 @@
-"""Experiment configs: load from a file or a workdir, validate, save as JSON, compare on resume."""
+"""Experiment configs: load from a file or a workdir, validate, save (resolved, locked) as JSON, compare on resume."""
 import importlib.util
 import json
 import os
 
 import ml_collections
 
-from calm_jax import user_errors
+from calm_jax import errors
 
-STAGES = ("autoencoder", "calm", "ar")
 CONFIG_FILE = "config.json"
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "experiments")
 
 # Fields that may differ when a run is resumed: they change how long or how
 # verbosely a run goes, never what it computes.
@@ -20,7 +21,7 @@ RESUMABLE_FIELDS = (
 )
 
 
-class ConfigError(user_errors.UserError, ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
 
@@ -33,6 +34,15 @@ def load_config_file(spec):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def load_experiment(spec):
+  """experiments/<file>.py[:variant args] of this repository, read as data (load_config_file).
+
+  For the library's few complete configs of its own (calm-convert's paper recipe); the
+  library never imports the experiments package.
+  """
+  return load_config_file(os.path.join(EXPERIMENTS_DIR, spec))
 
 
 def _from_json_value(value):
@@ -120,74 +130,45 @@ def config_changes(saved, current):
   return changes
 
 
-def _require(condition, message):
+def require(condition, message):
+  """Raises ConfigError(message) unless condition holds."""
   if not condition:
     raise ConfigError(message)
 
 
-def validate(config, require_autoencoder=True):
-  """Checks that need no devices or files; raises ConfigError naming the field and the fix.
+def validate(config):
+  """The checks every stage shares, needing no devices or files (stages.validate adds the stage's).
 
-  require_autoencoder=False lets --compile_only check a CALM config without a stage-1 run.
+  Raises ConfigError naming the field and the fix.
   """
-  _require(config.stage in STAGES,
-           f"config.stage={config.stage!r}: must be one of {STAGES}.")
   k = config.model.patch_size
-  _require(k >= 1, f"config.model.patch_size={k}: must be >= 1.")
-  _require(config.data.seq_len % k == 0,
-           f"config.data.seq_len={config.data.seq_len} is not a multiple of the chunk size "
-           f"K=config.model.patch_size={k}; use e.g. --config.data.seq_len="
-           f"{max(k, config.data.seq_len // k * k)}.")
-  _require(config.eval.block_len % k == 0,
-           f"config.eval.block_len={config.eval.block_len} is not a multiple of "
-           f"K=config.model.patch_size={k}.")
-  _require(config.model.vocab_size == config.data.vocab_size,
-           f"config.model.vocab_size={config.model.vocab_size} != config.data.vocab_size="
-           f"{config.data.vocab_size}: set both to the tokenizer's vocabulary size.")
-  _require(config.data.packing in ("concat", "chunk_aligned"),
-           f"config.data.packing={config.data.packing!r}: use 'concat' or 'chunk_aligned'.")
-  _require(config.train.compute_dtype in ("float32", "bfloat16"),
-           f"config.train.compute_dtype={config.train.compute_dtype!r}: use 'float32' or 'bfloat16'.")
-  _require(config.train.nan_policy in ("halt", "skip"),
-           f"config.train.nan_policy={config.train.nan_policy!r}: use 'halt' or 'skip'.")
-  _require(config.optim.schedule in ("constant", "cosine"),
-           f"config.optim.schedule={config.optim.schedule!r}: use 'constant' or 'cosine'.")
-  _require(config.train.grad_accum_steps >= 1 and
+  require(k >= 1, f"config.model.patch_size={k}: must be >= 1.")
+  require(config.data.seq_len % k == 0,
+          f"config.data.seq_len={config.data.seq_len} is not a multiple of the chunk size "
+          f"K=config.model.patch_size={k}; use e.g. --config.data.seq_len="
+          f"{max(k, config.data.seq_len // k * k)}.")
+  require(config.eval.block_len % k == 0,
+          f"config.eval.block_len={config.eval.block_len} is not a multiple of "
+          f"K=config.model.patch_size={k}.")
+  require(config.model.vocab_size == config.data.vocab_size,
+          f"config.model.vocab_size={config.model.vocab_size} != config.data.vocab_size="
+          f"{config.data.vocab_size}: set both to the tokenizer's vocabulary size.")
+  require(config.data.packing in ("concat", "chunk_aligned"),
+          f"config.data.packing={config.data.packing!r}: use 'concat' or 'chunk_aligned'.")
+  require(config.train.compute_dtype in ("float32", "bfloat16"),
+          f"config.train.compute_dtype={config.train.compute_dtype!r}: use 'float32' or 'bfloat16'.")
+  require(config.train.nan_policy in ("halt", "skip"),
+          f"config.train.nan_policy={config.train.nan_policy!r}: use 'halt' or 'skip'.")
+  require(config.optim.schedule in ("constant", "cosine"),
+          f"config.optim.schedule={config.optim.schedule!r}: use 'constant' or 'cosine'.")
+  require(config.train.grad_accum_steps >= 1 and
            config.train.batch_size % config.train.grad_accum_steps == 0,
-           f"config.train.batch_size={config.train.batch_size} is not divisible by "
-           f"config.train.grad_accum_steps={config.train.grad_accum_steps}.")
-  _require(config.train.steps >= 0, f"config.train.steps={config.train.steps}: must be >= 0.")
-  _require(config.eval.brier_samples >= 2,
-           f"config.eval.brier_samples={config.eval.brier_samples}: Brier-n needs >= 2 samples "
-           "per position (2 is the paper's estimator).")
-  _require(bool(config.data.train), "config.data.train is empty: give a data SPEC (see README).")
-  if config.stage == "calm":
-    _require(bool(config.autoencoder.workdir) or not require_autoencoder,
-             "config.autoencoder.workdir is empty: stage 2 needs a finished autoencoder run; "
-             "pass --config.autoencoder.workdir=DIR.")
-    _require(config.model.head in ("energy", "flow", "diffusion"),
-             f"config.model.head={config.model.head!r}: use 'energy', 'flow' or 'diffusion'.")
-    _require(0 < config.model.beta < 2,
-             f"config.model.beta={config.model.beta}: the energy score is strictly proper only "
-             "for beta in (0, 2).")
-    _require(config.model.num_model_samples >= 2,
-             "config.model.num_model_samples must be >= 2 (the diversity term needs pairs).")
+          f"config.train.batch_size={config.train.batch_size} is not divisible by "
+          f"config.train.grad_accum_steps={config.train.grad_accum_steps}.")
+  require(config.train.steps >= 0, f"config.train.steps={config.train.steps}: must be >= 0.")
+  require(config.eval.brier_samples >= 2,
+          f"config.eval.brier_samples={config.eval.brier_samples}: Brier-n needs >= 2 samples "
+          "per position (2 is the paper's estimator).")
+  require(bool(config.data.train), "config.data.train is empty: give a data SPEC (see README).")
   return config
 
-
-def check_autoencoder_compatible(calm_config, ae_config, ae_workdir):
-  """Stage-2 config vs the stage-1 run it links to; raises before anything compiles."""
-  checks = [
-      ("model.patch_size", calm_config.model.patch_size, ae_config.model.patch_size),
-      ("model.latent_dim", calm_config.model.latent_dim, ae_config.model.latent_dim),
-      ("model.vocab_size", calm_config.model.vocab_size, ae_config.model.vocab_size),
-  ]
-  for field, mine, theirs in checks:
-    if mine != theirs:
-      raise ConfigError(
-          f"config.{field}={mine} does not match the autoencoder in {ae_workdir} "
-          f"({field}={theirs}); pass --config.{field}={theirs} or train a matching autoencoder.")
-  if ae_config.stage != "autoencoder":
-    raise ConfigError(
-        f"config.autoencoder.workdir={ae_workdir} is a {ae_config.stage!r} run, "
-        "not an autoencoder run.")

@@ -1,0 +1,41 @@
+"""Continuations of a text prompt by a restored CALM or AR run (calm-generate, the quickstart): texts, ids and tokens/s.
+
+The stage's sampler (stages.py -> sampling/decode.py) builds the prompt and the jitted
+loop; all num_samples continuations run as one batch in one program, timed after
+compilation.
+"""
+import time
+
+import jax
+import numpy as np
+
+from calm_jax import errors
+from calm_jax import stages
+from calm_jax.sampling import decode
+
+
+def generate(run, prompt, sampling, seed=0):
+  """Continuations of `prompt` (text) by `run`: dict with texts, token ids, tokens_per_s, stats.
+
+  sampling: decode.frozen_sampling(run.config.sampling, ...overrides).
+  """
+  stage = stages.get(run.config)
+  if stage.sampler is None:
+    raise errors.UserError(
+        f"{run.workdir} is a {run.config.stage!r} run; calm-generate needs a 'calm' or 'ar' run.")
+  special = decode.special_ids(run.tokenizer)
+  sampler = stage.sampler(run.model, run.config, sampling, special)
+  row = sampler.prompt(run.tokenizer.encode(prompt))
+  prompts = np.tile(row[None], (sampling.num_samples,) + (1,) * row.ndim)
+  rng = jax.random.key(seed)
+  fn = lambda: sampler.generate(run.params, prompts, rng)
+  jax.block_until_ready(fn())          # compile (and warm up) outside the timing
+  start = time.perf_counter()
+  tokens, stats = jax.block_until_ready(fn())
+  seconds = time.perf_counter() - start
+  tokens, stats = jax.device_get((tokens, stats))
+  rows = [decode.until_eos(r[:sampling.max_tokens], special) for r in tokens]
+  produced = sum(len(r) for r in rows)
+  return {"texts": [run.tokenizer.decode(r) for r in rows], "tokens": rows,
+          "seconds": seconds, "tokens_per_s": produced / max(seconds, 1e-9),
+          "stats": {k: int(v) for k, v in stats.items()}}

@@ -1,1 +1,0 @@
-"""Command-line tools that are not entry points of the pipeline (reference checks)."""

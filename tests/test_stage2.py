@@ -1,9 +1,11 @@
 """Stage 2 in the trainer: the frozen autoencoder link, sharded == single device, every head."""
 import jax
 import numpy as np
+import optax
 import pytest
 
 from calm_jax import config as config_lib
+from calm_jax import runs
 from calm_jax.parallel import sharding
 from calm_jax.training import loop
 from calm_jax.training import state as state_lib
@@ -59,6 +61,20 @@ def test_autoencoder_is_frozen_outside_the_optimizer(ae_workdir, tmp_path):
   loop.train_and_evaluate(config, str(tmp_path), ONE_DEVICE)
   saved = config_lib.load_config(str(tmp_path))
   assert saved.data.tokenizer == config_lib.load_config(ae_workdir).data.tokenizer
+
+
+
+def test_opening_a_run_restores_params_only(ae_workdir, tmp_path, monkeypatch):
+  """runs.open_run: no optimizer, no train state, the autoencoder's config read once."""
+  config = calm_config(ae_workdir, train__steps=1)
+  loop.train_and_evaluate(config, str(tmp_path), ONE_DEVICE)
+  calls = []
+  real = runs.autoencoder_config
+  monkeypatch.setattr(runs, "autoencoder_config", lambda c: calls.append(c) or real(c))
+  monkeypatch.setattr(optax, "adamw", lambda *a, **k: pytest.fail("open_run built an optimizer"))
+  run = runs.open_run(str(tmp_path), devices=ONE_DEVICE)
+  assert len(calls) == 1 and "autoencoder" in run.params and run.step == 1
+  assert not hasattr(run, "opt_state") and run.ae_config.stage == "autoencoder"
 
 
 def test_mismatched_autoencoder_fails_before_compiling(ae_workdir, tmp_path):

@@ -15,7 +15,6 @@ import functools
 import math
 from typing import Any, Callable, Optional
 
-
 from calm_jax import config as config_lib
 from calm_jax import errors
 from calm_jax.eval import brier

@@ -1,1 +1,1 @@
-"""Data: sentencepiece tokenizer, data SPEC sources, the grain pipeline and the prepare CLIs."""
+"""Data: data SPEC sources, tokenizers (SentencePiece, HF tokenizer.json), the grain pipeline and ArrayRecord prepare."""

@@ -154,7 +154,7 @@ def flops_per_step(config, ae_config):
     return bench_lib.train_step_flops(config, ae_config, mesh, rules)
 
 
-def _cached_eval(workdir, run, data, max_tokens, seed, brier_samples=2):
+def _cached_eval(workdir, run, data, max_tokens, seed, brier_samples):
   """evaluate_run of `run` on `data`, remembered in WORKDIR/quality_evals.jsonl."""
   path = os.path.join(workdir, "quality_evals.jsonl")
   key = dict(step=int(run.step), data=data, max_tokens=max_tokens, seed=seed,
@@ -204,7 +204,7 @@ def evaluate_autoencoder(workdir, args):
   for label, data in (("valid", args.valid), ("wikitext", args.wikitext)):
     if data:
       out[label] = _summary(_cached_eval(workdir, run, data, args.preset["eval_tokens"],
-                                         args.seed))
+                                         args.seed, args.preset["brier_samples"]))
   return out
 
 

@@ -67,21 +67,22 @@ def _positions(run, split, max_tokens):
   return {key: np.concatenate(value) for key, value in out.items()}
 
 
-def _decode_accuracy(run, z_Nxl, tokens_NxK):
-  decode = jax.jit(lambda p, z: run.model.apply({"params": p}, z, method=run.model.decode_latent))
-  predicted = np.concatenate([np.asarray(jnp.argmax(decode(run.params, z_Nxl[i:i + _BLOCK]), -1))
-                              for i in range(0, len(z_Nxl), _BLOCK)])
-  return float(np.mean(predicted == tokens_NxK))
+def make_decoder(run):
+  """decode(z_Nxl) -> tokens_NxK: the frozen decoder's argmax, _BLOCK latents per jitted call."""
+  jitted = jax.jit(lambda p, z: jnp.argmax(
+      run.model.apply({"params": p}, z, method=run.model.decode_latent), -1))
+  return lambda z_Nxl: np.concatenate([np.asarray(jitted(run.params, z_Nxl[i:i + _BLOCK]))
+                                       for i in range(0, len(z_Nxl), _BLOCK)])
 
 
-def autoencoder_geometry(run, positions, rng):
+def autoencoder_geometry(decode, positions, rng):
   """Decode accuracy clean / sampled / under noise, and the scales of the latent space."""
   mean, std, tokens = positions["mean"], positions["std"], positions["next"]
   noise = lambda scale: (mean + scale * rng.standard_normal(mean.shape)).astype(np.float32)
-  out = {"accuracy_mean": _decode_accuracy(run, mean, tokens),
-         "accuracy_posterior_sample": _decode_accuracy(run, noise(std), tokens)}
+  accuracy = lambda z: float(np.mean(decode(z) == tokens))
+  out = {"accuracy_mean": accuracy(mean), "accuracy_posterior_sample": accuracy(noise(std))}
   for sigma in NOISE_SIGMAS:
-    out[f"accuracy_noise_{sigma:g}"] = _decode_accuracy(run, noise(sigma), tokens)
+    out[f"accuracy_noise_{sigma:g}"] = accuracy(noise(sigma))
   kl_Nxl = 0.5 * (np.square(mean) + np.square(std) - 1.0 - 2.0 * np.log(std))
   _, first = np.unique(tokens, axis=0, return_index=True)
   distinct = mean[first[:_NN_CHUNKS]]
@@ -167,17 +168,14 @@ def oracle_energies(run, train, evals, rng):
   return energies, bigram, model_x[0]
 
 
-def real_chunk_fraction(run, train, z_Pxl):
+def real_chunk_fraction(decode, train, z_Pxl):
   """Fraction of decoded head samples that are chunks seen in the training slice.
 
   A head whose samples fall between the latents of real chunks decodes them token by
   token into mixtures ("word salad"); this measures how often that does not happen.
   """
-  decode = jax.jit(lambda p, z: run.model.apply({"params": p}, z, method=run.model.decode_latent))
-  decoded = np.concatenate([np.asarray(jnp.argmax(decode(run.params, z_Pxl[i:i + _BLOCK]), -1))
-                            for i in range(0, len(z_Pxl), _BLOCK)])
   seen = {tuple(c) for c in train["next"].tolist()}
-  return float(np.mean([tuple(c) in seen for c in decoded.tolist()]))
+  return float(np.mean([tuple(c) in seen for c in decode(z_Pxl).tolist()]))
 
 
 def bigram_chunk_brier(train, evals, bigram_idx):
@@ -236,13 +234,14 @@ def diagnose(workdir, max_tokens=20_000, train_tokens=200_000, seed=0, fill_conf
   evals = _positions(run, "eval", max_tokens)
   train = _positions(run, "train", train_tokens)
   energies, bigram_idx, model_z = oracle_energies(run, train, evals, rng)
+  decode = make_decoder(run)
   report = {
       "workdir": os.path.abspath(workdir), "step": run.step,
       "positions": {"eval": int(len(evals["mean"])), "train": int(len(train["mean"]))},
-      "autoencoder": autoencoder_geometry(run, evals, rng),
+      "autoencoder": autoencoder_geometry(decode, evals, rng),
       "energy": energies,
       "probe_r2": probe_r2(train, evals),
-      "model_real_chunk_fraction": real_chunk_fraction(run, train, model_z),
+      "model_real_chunk_fraction": real_chunk_fraction(decode, train, model_z),
       "bigram_chunk_model": bigram_chunk_brier(train, evals, bigram_idx),
       "eval": evaluator.evaluate_run(run, max_tokens=max_tokens, seed=seed, progress=False),
   }

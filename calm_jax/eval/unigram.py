@@ -22,11 +22,24 @@ from calm_jax.data import pipeline
 from calm_jax.data import sources
 
 
+# (data config JSON, vocab size, max_tokens) -> (tokenizer, (p_V, source)): a run evaluated at
+# several checkpoints (the quality benchmark) reads its training tokens once.
+_FREQUENCIES = {}
+
+
 def token_frequencies(config, tokenizer, max_tokens):
   """(p_V float64, source): frequencies of the first max_tokens real training tokens.
 
   source is "train", or "eval" with a warning when the training data cannot be read.
+  Remembered for the same data config, vocabulary, budget and tokenizer object.
   """
+  key = (config.data.to_json(), config.model.vocab_size, max_tokens)
+  if key not in _FREQUENCIES or _FREQUENCIES[key][0] is not tokenizer:
+    _FREQUENCIES[key] = (tokenizer, _read_frequencies(config, tokenizer, max_tokens))
+  return _FREQUENCIES[key][1]
+
+
+def _read_frequencies(config, tokenizer, max_tokens):
   try:
     return split_frequencies(config, tokenizer, max_tokens, "train"), "train"
   except sources.DataError as e:
@@ -41,7 +54,7 @@ def split_frequencies(config, tokenizer, max_tokens, split):
   seen = 0
   for batch in pipeline.make_iterator(config, tokenizer, split):
     tokens = np.asarray(batch["tokens"])[np.asarray(batch["mask"]) > 0]
-    np.add.at(counts_V, tokens, 1.0)
+    counts_V += np.bincount(tokens, minlength=counts_V.size)
     seen += tokens.size
     if seen >= max_tokens:
       break

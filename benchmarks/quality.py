@@ -4,7 +4,7 @@ r"""Quality benchmark: CALM (energy, flow, diffusion heads) vs the AR baseline a
       [--workdir /tmp/calm_quality] [--output FILE]
 
 A small-scale replication of the paper's comparison, in this process:
-  1. a BPE tokenizer (the tiny configs' 2048 pieces) trained on the training corpus;
+  1. a BPE tokenizer (the tiny configs' 512 pieces) trained on the training corpus;
   2. the tiny autoencoder (experiments/autoencoder.py:size=tiny, K=4), trained for the
      budget's autoencoder steps; its token accuracy (posterior mean, and with Gaussian
      noise on z at config.eval.noise_sigmas) on the validation corpus and WikiText-103;
@@ -56,7 +56,7 @@ BUDGETS = {
                  brier_samples=8),
     "small": dict(flops=8.0e12, ae_steps=1500, eval_tokens=16384, tokenizer_chars=5_000_000,
                   brier_samples=16),
-    "medium": dict(flops=4.0e13, ae_steps=3000, eval_tokens=65536, tokenizer_chars=5_000_000,
+    "medium": dict(flops=4.0e13, ae_steps=1500, eval_tokens=65536, tokenizer_chars=5_000_000,
                    brier_samples=16),
 }
 

@@ -16,7 +16,7 @@ from experiments import common
 from experiments import paper
 
 SIZES = {
-    "tiny": dict(vocab_size=2048, seq_len=256, batch_size=16, steps=1000, lr=1e-3),
+    "tiny": dict(vocab_size=512, seq_len=256, batch_size=16, steps=1000, lr=1e-3),
     "S": dict(vocab_size=32768, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),
     "M": dict(vocab_size=32768, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),
     "L": dict(vocab_size=32768, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),

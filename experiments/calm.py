@@ -22,7 +22,7 @@ from experiments import paper
 SIZES = {
     # tiny: 32 x 256 tokens a step (2,016 target chunks): with 16 x 64, the energy head's
     # gradient signal is too small for it to leave the marginal distribution in 1000 steps.
-    "tiny": dict(vocab_size=2048, latent_dim=128, seq_len=256, batch_size=32, steps=1000, lr=1e-3),
+    "tiny": dict(vocab_size=512, latent_dim=128, seq_len=256, batch_size=32, steps=1000, lr=1e-3),
     "M": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),
     "L": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),
     "XL": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000, lr=3e-4),

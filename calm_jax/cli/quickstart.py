@@ -44,7 +44,7 @@ PROMPT = "The function returns"
 # eval_tokens 0 evaluates the whole held-out split (60k tokens); brier_samples 8 head
 # samples per position give the paper's Brier estimate with less variance.
 PROFILES = {
-    "full": dict(vocab=1024, tokenizer_chars=2_000_000, seq_len=64, ae_batch=32, ae_steps=2000,
+    "full": dict(vocab=512, tokenizer_chars=2_000_000, seq_len=64, ae_batch=32, ae_steps=2000,
                  ae_lr=3e-3, calm_seq_len=128, calm_batch=32, calm_steps=1000, calm_lr=1e-3,
                  warmup=50, eval_tokens=0, brier_samples=8, sample_tokens=48),
     "small": dict(vocab=512, tokenizer_chars=300_000, seq_len=32, ae_batch=8, ae_steps=12,

@@ -55,7 +55,7 @@ def test_calm_predicts_a_deterministic_next_chunk(tmp_path, tiny_tokenizer_path)
   ae, calm = _stage_configs(tiny_tokenizer_path, TINY_VOCAB, 4, train_spec, eval_spec,
                             seq_len=64, ae_steps=200, calm_steps=600, calm_batch=32)
   calm.autoencoder.workdir = _train(ae, tmp_path / "ae")
-  result = _evaluate(_train(calm, tmp_path / "calm"), max_tokens=4096)
+  result = _evaluate(_train(calm, tmp_path / "calm"), max_tokens=2048)
   assert result["brier1"] > 0.9, result
   assert result["brier4"] > 0.8, result
   assert result["unigram"]["brier1"] < 0.05, result
@@ -63,7 +63,7 @@ def test_calm_predicts_a_deterministic_next_chunk(tmp_path, tiny_tokenizer_path)
 
 # K, sequence length, autoencoder steps, CALM steps and batch, eval tokens, and the factor
 # over the unigram Brier-1 required. Measured: K=4 1.8x; K=1 4.8x (1.5x at 500 steps).
-BUILTIN_RUNS = [(4, 64, 600, 400, 32, 16_384, 1.3), (1, 32, 200, 800, 16, 8192, 2.0)]
+BUILTIN_RUNS = [(4, 64, 600, 400, 32, 4096, 1.3), (1, 32, 200, 800, 16, 2048, 2.0)]
 
 
 @pytest.mark.parametrize("k,seq_len,ae_steps,calm_steps,calm_batch,eval_tokens,factor",

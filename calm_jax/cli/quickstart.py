@@ -1,4 +1,4 @@
-r"""calm-quickstart: the whole CALM pipeline on the built-in corpus, on one CPU, in about 20 minutes (35 measured beside other jobs).
+r"""calm-quickstart: the whole CALM pipeline on the built-in corpus, on one CPU, in about 20 minutes.
 
   calm-quickstart --workdir Q [--small]
 
@@ -39,10 +39,9 @@ CORPUS = "builtin:python_docs"
 PROMPT = "The function returns"
 
 # Overrides of the tiny experiment configs: full quickstart (about 20 minutes on 2 quiet
-# CPU cores) and --small (the test suite). 512 pieces: CALM's Brier-1 is 4.8x unigram's and
-# BrierLM 0.30 (1024 pieces: 2.8x and 0). CALM trains on 32 x 128 tokens a step: with
-# 16 x 64 the energy head has too little signal to leave the marginal distribution in 1000
-# steps. eval_tokens 0 evaluates the whole held-out split (80k tokens); brier_samples 8 head
+# CPU cores) and --small (the test suite). 512 pieces: see experiments/autoencoder.py's tiny
+# row. CALM trains on 32 x 128 tokens a step: with 16 x 64 the energy head has too little
+# signal to leave the marginal distribution in 1000 steps. eval_tokens 0 evaluates the whole held-out split (80k tokens); brier_samples 8 head
 # samples per position give the paper's Brier estimate with less variance.
 PROFILES = {
     "full": dict(vocab=512, tokenizer_chars=2_000_000, seq_len=64, ae_batch=32, ae_steps=2000,

@@ -40,6 +40,22 @@ class TrainingHalted(errors.UserError):
   """Training stopped on purpose (non-finite loss with nan_policy='halt')."""
 
 
+def _with_default_tokenizer(config, workdir):
+  """The config with an empty data.tokenizer replaced by the path it resolves to.
+
+  The saved config holds the resolved path (runs.resolve_tokenizer), so comparing it with
+  the user's empty value would refuse every rerun of the default path (issue 14, item 1).
+  """
+  if config.data.tokenizer:
+    return config
+  resolved = config.copy_and_resolve_references()
+  if stages.get(config).needs_autoencoder:
+    resolved.data.tokenizer = runs.autoencoder_config(config).data.tokenizer
+  else:
+    resolved.data.tokenizer = os.path.join(os.path.abspath(workdir), runs.WORKDIR_TOKENIZER)
+  return resolved
+
+
 def _check_workdir(config, workdir):
   """Refuses a converted workdir, and one made by a different config unless allowed."""
   if checkpoint.is_converted(workdir):
@@ -49,7 +65,8 @@ def _check_workdir(config, workdir):
         f"--config.init_from={workdir}.")
   if not os.path.exists(os.path.join(workdir, config_lib.CONFIG_FILE)):
     return
-  changes = config_lib.config_changes(config_lib.load_config(workdir), config)
+  changes = config_lib.config_changes(config_lib.load_config(workdir),
+                                      _with_default_tokenizer(config, workdir))
   if changes and not config.train.allow_config_change:
     lines = "; ".join(f"{n}: {a!r} -> {b!r}" for n, a, b in changes[:8])
     raise config_lib.ConfigError(

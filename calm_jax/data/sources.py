@@ -105,31 +105,32 @@ class JsonlSource:
     file_ids, starts, ends = [], [], []
     empty = invalid = bad = 0
     for file_id, path in enumerate(paths):
+      # Read line by line (not the whole file): memory stays flat in file size.
       with open(path, "rb") as f:
-        data = f.read()
-      start = 0
-      for line_number, line in enumerate(data.split(b"\n"), 1):
-        end = start + len(line)
-        line_start, start = start, end + 1
-        if not line.strip():
-          continue
-        try:
-          text = self._parse(line, path, line_number)
-        except DataError as e:
-          if not skip_bad_records:
-            raise
-          bad += 1
-          if bad <= _MAX_WARNINGS:
-            logging.warning("Skipping a bad record: %s", e)
-          continue
-        if text is None:
-          invalid += 1
-        elif not text.strip():
-          empty += 1
-        else:
-          file_ids.append(file_id)
-          starts.append(line_start)
-          ends.append(end)
+        start = 0
+        for line_number, raw in enumerate(f, 1):
+          line = raw[:-1] if raw.endswith(b"\n") else raw
+          line_start, end = start, start + len(line)
+          start += len(raw)
+          if not line.strip():
+            continue
+          try:
+            text = self._parse(line, path, line_number)
+          except DataError as e:
+            if not skip_bad_records:
+              raise
+            bad += 1
+            if bad <= _MAX_WARNINGS:
+              logging.warning("Skipping a bad record: %s", e)
+            continue
+          if text is None:
+            invalid += 1
+          elif not text.strip():
+            empty += 1
+          else:
+            file_ids.append(file_id)
+            starts.append(line_start)
+            ends.append(end)
     self._file_ids = np.asarray(file_ids, np.int32)
     self._starts = np.asarray(starts, np.int64)
     self._ends = np.asarray(ends, np.int64)

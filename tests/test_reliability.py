@@ -226,11 +226,12 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_used(tokenizer_path, t
 # -- SIGTERM -------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tokenizer_path, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_stop(tokenizer_path, tmp_path, signum):
   overrides = _overrides(tokenizer_path, steps=500, every=1000)
   proc = _start(AR, tmp_path, overrides, tmp_path / "train.log")
   assert _wait_for_row(proc, tmp_path, 3, skip_rows=0), _finish(proc)[1][-3000:]
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   rc, err = _finish(proc, timeout=60)
   assert rc == 0, err[-3000:]
   saved = _complete_steps(tmp_path)

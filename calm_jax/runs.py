@@ -102,6 +102,20 @@ def restore_frozen(config, parts):
 
 
 # -- The tokenizer --------------------------------------------------------------------------
+def _workdir_tokenizer_path(workdir):
+  return os.path.join(os.path.abspath(workdir), WORKDIR_TOKENIZER)
+
+
+def default_tokenizer_path(config, workdir, ae_config=None):
+  """Where an empty config.data.tokenizer points: a CALM run's autoencoder tokenizer
+  (ae_config: its resolved config), otherwise WORKDIR/tokenizer.model."""
+  if stages.get(config).needs_autoencoder:
+    ae_tokenizer = (ae_config or autoencoder_config(config)).data.tokenizer
+    if ae_tokenizer:
+      return ae_tokenizer
+  return _workdir_tokenizer_path(workdir)
+
+
 def resolve_tokenizer(config, workdir, is_primary, wait_for_primary, ae_config=None):
   """Sets config.data.tokenizer to a concrete path and returns the loaded tokenizer.
 
@@ -111,17 +125,16 @@ def resolve_tokenizer(config, workdir, is_primary, wait_for_primary, ae_config=N
   WORKDIR/tokenizer.model (reused when it exists).
   """
   path = config.data.tokenizer
-  if stages.get(config).needs_autoencoder:
+  if path and stages.get(config).needs_autoencoder:
     ae_tokenizer = (ae_config or autoencoder_config(config)).data.tokenizer
-    if not path:
-      path = ae_tokenizer
-    elif os.path.exists(path) and os.path.exists(ae_tokenizer) and (
+    if os.path.exists(path) and os.path.exists(ae_tokenizer) and (
         tokenizer_lib.digest(path) != tokenizer_lib.digest(ae_tokenizer)):
       raise config_lib.ConfigError(
           f"config.data.tokenizer={path!r} differs from the autoencoder's tokenizer "
           f"{ae_tokenizer!r}; leave config.data.tokenizer empty to use the autoencoder's.")
   if not path:
-    path = os.path.join(os.path.abspath(workdir), WORKDIR_TOKENIZER)
+    path = default_tokenizer_path(config, workdir, ae_config)
+  if not config.data.tokenizer and path == _workdir_tokenizer_path(workdir):
     if is_primary and not os.path.exists(path):
       logging.info("Training a %d-piece tokenizer on %s into %s",
                    config.data.vocab_size, config.data.train, path)

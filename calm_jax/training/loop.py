@@ -43,16 +43,13 @@ class TrainingHalted(errors.UserError):
 def _with_default_tokenizer(config, workdir):
   """The config with an empty data.tokenizer replaced by the path it resolves to.
 
-  The saved config holds the resolved path (runs.resolve_tokenizer), so comparing it with
+  The saved config holds the resolved path (runs.resolve_tokenizer, runs.default_tokenizer_path), so comparing it with
   the user's empty value would refuse every rerun of the default path (issue 14, item 1).
   """
   if config.data.tokenizer:
     return config
   resolved = config.copy_and_resolve_references()
-  if stages.get(config).needs_autoencoder:
-    resolved.data.tokenizer = runs.autoencoder_config(config).data.tokenizer
-  else:
-    resolved.data.tokenizer = os.path.join(os.path.abspath(workdir), runs.WORKDIR_TOKENIZER)
+  resolved.data.tokenizer = runs.default_tokenizer_path(config, workdir)
   return resolved
 
 

@@ -15,7 +15,7 @@ EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 # verbosely a run goes, never what it computes.
 RESUMABLE_FIELDS = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.allow_config_change", "checkpoint.every_steps", "checkpoint.keep",
+    "train.allow_config_change", "train.profile_steps", "checkpoint.every_steps", "checkpoint.keep",
     "checkpoint.async_save", "data.worker_count", "data.prefetch", "data.eval", "eval",
     "sampling",
 )
@@ -70,6 +70,7 @@ _ADDED_FIELDS = (
     (None, "init_from", ""),
     (None, "data.document_eos", True),
     (None, "data.pad_in_loss", False),
+    (None, "train.profile_steps", (0, 0)),
     ("autoencoder", "model.encoder_bf16_embeddings_in_training", False),
     ("calm", "model.layer_norm_eps", lambda c: c.model.norm_eps),   # LayerNorms used norm_eps
     ("calm", "model.targets_bf16_embeddings_in_training", False),
@@ -169,6 +170,11 @@ def validate(config):
   require(config.eval.brier_samples >= 2,
           f"config.eval.brier_samples={config.eval.brier_samples}: Brier-n needs >= 2 samples "
           "per position (2 is the paper's estimator).")
+  profile = tuple(config.train.profile_steps)
+  require(len(profile) == 2 and all(isinstance(s, int) and s >= 0 for s in profile)
+          and (profile == (0, 0) or profile[0] < profile[1]),
+          f"config.train.profile_steps={profile}: give (start, stop) steps with 0 <= start < stop, "
+          "e.g. --config.train.profile_steps='(10, 20)', or (0, 0) for no profile.")
   require(bool(config.data.train), "config.data.train is empty: give a data SPEC (see README).")
   return config
 

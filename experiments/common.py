@@ -115,6 +115,8 @@ def train_config():
       compute_dtype="float32",          # 'float32' | 'bfloat16' (params stay fp32)
       nan_policy="halt",                # 'halt' | 'skip' on non-finite loss/grads
       allow_config_change=False,        # resume a workdir with a different config
+      profile_steps=(0, 0),             # (start, stop): jax.profiler trace of those steps in
+                                        # WORKDIR/profile (TensorBoard profile plugin); (0, 0): none
   ))
 
 

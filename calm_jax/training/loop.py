@@ -30,8 +30,10 @@ from calm_jax.eval import evaluator
 from calm_jax.eval import terms
 from calm_jax.parallel import distributed
 from calm_jax.parallel import sharding
+from calm_jax.training import efficiency
 from calm_jax.training import metrics as metrics_lib
 from calm_jax.training import preemption
+from calm_jax.training import profiler as profiler_lib
 from calm_jax.training import state as state_lib
 from calm_jax.training import steps as steps_lib
 
@@ -145,11 +147,15 @@ def _compile_for_processes(train_step, eval_step, state, frozen, config, batch_s
 
 
 class _Bookkeeping:
-  """The loop's host side: metrics pulled one step late, nan_policy='halt', checkpoint saves."""
+  """The loop's host side: metrics pulled one step late, nan_policy='halt', checkpoint saves,
+  step times and goodput (eff), the profiler."""
 
-  def __init__(self, config, state, ckpt, writer, bar):
+  def __init__(self, config, state, ckpt, writer, bar, workdir, started_at):
     self.config, self.ckpt, self.writer, self.bar = config, ckpt, writer, bar
     self.start = int(jax.device_get(state.step))
+    self.eff = efficiency.Efficiency(workdir, self.start, config.train.steps, started_at,
+                                     write=writer.enabled)
+    self.profiler = profiler_lib.Profiler(config.train.profile_steps, workdir, self.start)
     self.skipped_at_start = int(jax.device_get(state.skipped))
     self.completed = self.saved = self.start     # updates in the state; the newest saved step
     self.pending, self.last_logged = None, {}
@@ -175,18 +181,29 @@ class _Bookkeeping:
     if self.pending is None:
       return
     (step, metrics), self.pending = self.pending, None
+    self.eff.drain(step)              # stamps the ends of the steps up to `step` (no extra sync)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    now = time.perf_counter()
-    metrics["tokens_per_s"] = ((step - self.step_last) * self.tokens_per_step
-                               / max(now - self.t_last, 1e-9))
-    self.t_last, self.step_last = now, step
+    metrics.update(self._rates(step))
     self.writer.write(step, metrics)
     self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    _log_progress(step, self.config.train.steps, metrics, self.eff.eta_s)
     self.last_logged = metrics
     self.halt_if_nonfinite(int(metrics["skipped_updates"]), metrics["last_bad_step"],
                            metrics["loss"])
 
-  def record_eval(self, step, results):
+  def _rates(self, step):
+    """Host-side throughput and efficiency over the log window that ends at `step`."""
+    now = time.perf_counter()
+    rates = {"tokens_per_s": ((step - self.step_last) * self.tokens_per_step
+                              / max(now - self.t_last, 1e-9))}
+    self.t_last, self.step_last = now, step
+    rates.update(self.eff.metrics(step))
+    return rates
+
+  def run_eval(self, step, evaluate, state):
+    """The periodic eval (host time outside the step times and goodput)."""
+    with self.eff.paused():
+      results = evaluate(state)
     self.writer.write(step, results)
     self.last_logged.update(results)
     logging.info("step %d: %s", step, results)
@@ -194,8 +211,10 @@ class _Bookkeeping:
   def save(self, step, state, train_iter):
     """Saves `step` (never past a skipped update under 'halt', also one between log steps)."""
     self.flush()
-    self.halt_if_nonfinite(*jax.device_get((state.skipped, state.last_bad_step)))
-    self.ckpt.save(step, state.params, state.replace(params=None), train_iter, force=True)
+    with self.eff.paused():
+      self.halt_if_nonfinite(*jax.device_get((state.skipped, state.last_bad_step)))
+      self.eff.saved(step)
+      self.ckpt.save(step, state.params, state.replace(params=None), train_iter, force=True)
     self.saved = step
 
   def save_on_error(self, error, state, train_iter):
@@ -214,6 +233,7 @@ def train_and_evaluate(config, workdir, devices=None):
   devices: the devices of the mesh (default: all), e.g. one device in tests.
   """
   # -- Config -------------------------------------------------------------------------------
+  started_at = time.perf_counter()       # goodput counts start-up (restore, compile) as lost time
   stages.validate(config)
   is_primary = jax.process_index() == 0
   _check_workdir(config, workdir)
@@ -264,14 +284,28 @@ def train_and_evaluate(config, workdir, devices=None):
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_primary)
     bar = tqdm.tqdm(total=config.train.steps, initial=int(jax.device_get(state.step)),
                     desc=config.stage, disable=not is_primary, dynamic_ncols=True, file=sys.stdout)
-    book = _Bookkeeping(config, state, ckpt, writer, bar)
+    book = _Bookkeeping(config, state, ckpt, writer, bar, workdir, started_at)
     try:
       _loop(config, book, state, frozen, train_step, train_iter, batch_sharding, evaluate)
     finally:
+      book.profiler.close()
       bar.close()
-      ckpt.close()
+      with book.eff.paused():          # waiting for the last checkpoint write is not training
+        ckpt.close()
+      book.eff.goodput.record(book.completed)
       writer.close()
   return book.last_logged
+
+
+def _log_progress(step, total, metrics, eta_s):
+  """One log line per logged step (the progress bar's numbers, for logs that are not a terminal)."""
+  timing = "".join(f", {name} {metrics[key]:{fmt}}" for name, key, fmt in (
+      ("step", "step_time_s_p50", ".3f"), ("p90", "step_time_s_p90", ".3f"),
+      ("data wait", "data_wait_fraction", ".1%"), ("goodput", "goodput", ".1%"))
+                   if key in metrics)
+  eta = f", ETA {tqdm.tqdm.format_interval(eta_s)}" if eta_s is not None else ""
+  logging.info("step %d/%d: loss %.4f, %.0f tokens/s%s%s", step, total, metrics["loss"],
+               metrics["tokens_per_s"], timing, eta)
 
 
 def _loop(config, book, state, frozen, train_step, train_iter, batch_sharding, evaluate):
@@ -280,16 +314,20 @@ def _loop(config, book, state, frozen, train_step, train_iter, batch_sharding, e
   with preemption.PreemptionWatcher() as watcher:
     try:
       for step in range(book.start, total):
-        batch = sharding.to_global_batch(pipeline.next_batch(train_iter, config), batch_sharding)
+        book.profiler.before_step(step)
+        with book.eff.input_wait():
+          batch = sharding.to_global_batch(pipeline.next_batch(train_iter, config), batch_sharding)
         state, metrics = train_step(state, frozen, batch, rng)
+        book.eff.dispatched(step + 1, metrics["loss"])
         book.completed = done = step + 1
+        book.profiler.after_step(done, book.eff.paused)
         book.flush()                      # step n-1's metrics, after dispatching step n
         book.bar.update(1)
         if done % train.log_every == 0 or done == total:
           book.pending = (done, metrics)
         if train.eval_every and (done % train.eval_every == 0 or done == total):
           book.flush()
-          book.record_eval(done, evaluate(state))
+          book.run_eval(done, evaluate, state)
         preempted = watcher.requested(done)
         if done % config.checkpoint.every_steps == 0 or done == total or preempted:
           book.save(done, state, train_iter)

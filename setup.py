@@ -30,7 +30,10 @@ setuptools.setup(
     ],
     extras_require={
         # safetensors: the official reader cross-checks calm_jax's own in the tests.
-        "test": ["pytest>=8", "safetensors>=0.4"],
+        # wandb: the offline Weights & Biases test runs from a clean checkout.
+        "test": ["pytest>=8", "safetensors>=0.4", "wandb>=0.19,<1"],
+        # Weights & Biases logging (config.log.wandb_project).
+        "wandb": ["wandb>=0.19,<1"],
         # pytorch_model.bin checkpoints (calm-convert reads safetensors without torch).
         "convert": ["torch>=2.4"],
     },

@@ -17,7 +17,7 @@ RESUMABLE_FIELDS = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.allow_config_change", "train.profile_steps", "checkpoint.every_steps", "checkpoint.keep",
     "checkpoint.async_save", "data.worker_count", "data.prefetch", "data.eval", "eval",
-    "sampling",
+    "sampling", "log",
 )
 
 
@@ -71,6 +71,7 @@ _ADDED_FIELDS = (
     (None, "data.document_eos", True),
     (None, "data.pad_in_loss", False),
     (None, "train.profile_steps", (0, 0)),
+    (None, "log", lambda c: ml_collections.ConfigDict(dict(wandb_project=""))),
     ("autoencoder", "model.encoder_bf16_embeddings_in_training", False),
     ("calm", "model.layer_norm_eps", lambda c: c.model.norm_eps),   # LayerNorms used norm_eps
     ("calm", "model.targets_bf16_embeddings_in_training", False),

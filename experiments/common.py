@@ -166,6 +166,14 @@ def eval_config():
   ))
 
 
+def log_config():
+  """Where metrics go besides WORKDIR/metrics.jsonl and WORKDIR/tensorboard."""
+  return ml_collections.ConfigDict(dict(
+      wandb_project="",                 # Weights & Biases project ('': off; pip install -e
+                                        # '.[wandb]'; WANDB_MODE=offline writes WORKDIR/wandb)
+  ))
+
+
 def sampling_config():
   """calm-generate (and the quickstart's sample): temperature sampling for CALM and the AR baseline."""
   return ml_collections.ConfigDict(dict(
@@ -196,6 +204,7 @@ def base_config(stage):
   config.checkpoint = checkpoint_config()
   config.eval = eval_config()
   config.sampling = sampling_config()
+  config.log = log_config()
   return config
 
 

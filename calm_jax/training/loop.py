@@ -235,6 +235,7 @@ def train_and_evaluate(config, workdir, devices=None):
   # -- Config -------------------------------------------------------------------------------
   started_at = time.perf_counter()       # goodput counts start-up (restore, compile) as lost time
   stages.validate(config)
+  metrics_lib.check_writers(config)
   is_primary = jax.process_index() == 0
   _check_workdir(config, workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -281,7 +282,7 @@ def train_and_evaluate(config, workdir, devices=None):
         config.train.eval_batches)
 
     # -- Loop ---------------------------------------------------------------------------------
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_primary)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_primary, config=config)
     bar = tqdm.tqdm(total=config.train.steps, initial=int(jax.device_get(state.step)),
                     desc=config.stage, disable=not is_primary, dynamic_ncols=True, file=sys.stdout)
     book = _Bookkeeping(config, state, ckpt, writer, bar, workdir, started_at)

@@ -47,6 +47,7 @@ setuptools.setup(
             "calm-quickstart=calm_jax.cli.quickstart:run",
             "calm-diagnose=calm_jax.cli.diagnose:run",
             "calm-convert=calm_jax.cli.convert:run",
+            "calm-plot=calm_jax.cli.plot:run",
         ]
     },
 )

@@ -1,5 +1,6 @@
 """A tiny run you can watch: profiler trace, step times, data wait and goodput in every logged row,
-the metric writers (TensorBoard event files, W&B offline when installed, asynchronous writes)."""
+the metric writers (TensorBoard event files, W&B offline when installed, asynchronous writes),
+calm-plot of the real run beside a fake one."""
 import glob
 import importlib.util
 import json
@@ -8,10 +9,12 @@ import struct
 import threading
 
 import jax
+import matplotlib.image
 import pytest
 
 from calm_jax import config as config_lib
 from calm_jax import errors
+from calm_jax.cli import plot
 from calm_jax.training import efficiency
 from calm_jax.training import loop
 from calm_jax.training import metrics as metrics_lib
@@ -173,3 +176,11 @@ def test_writes_return_before_the_backends_finish_and_errors_surface(tmp_path):
   failing.write(1, {"loss": 2.0})
   with pytest.raises(errors.UserError, match="Writing metrics failed: disk full"):
     failing.close()
+
+
+def test_calm_plot_draws_the_real_run_beside_a_fake_one(watched_run, tmp_path):
+  from tests import test_plot  # pylint: disable=g-import-not-at-top
+  fake = test_plot._fake_run(str(tmp_path / "calm"), "calm.py:size=tiny", 1.5e6, batch_size=8)  # pylint: disable=protected-access
+  output = plot.plot([watched_run, fake], str(tmp_path / "curves.png"), "tokens")
+  assert matplotlib.image.imread(output).shape == (850, 1500, 4)
+  assert plot.Run(watched_run).train["goodput"].keys() == {2, 4, 6}

@@ -4,6 +4,7 @@ import os
 import time
 
 import jax
+import matplotlib.image
 import pytest
 
 from calm_jax.eval import diagnose
@@ -33,6 +34,15 @@ def test_quickstart_writes_a_summary(quickstart_dir):
     assert key in saved, key
   assert 0.0 <= saved["autoencoder_token_accuracy"] <= 1.0
   assert saved == json.loads(json.dumps(summary))
+
+
+def test_quickstart_leaves_the_training_curves(quickstart_dir):
+  workdir, _ = quickstart_dir
+  image = matplotlib.image.imread(os.path.join(workdir, "curves.png"))
+  assert image.shape[0] > 400 and image.shape[1] > 800
+  with open(os.path.join(workdir, "calm", f"eval_step_{quickstart.PROFILES['small']['calm_steps']}"
+                         ".json")) as f:
+    assert "brierlm" in json.load(f)        # where calm-plot finds the BrierLM point
 
 
 def test_calm_eval_json_keys_for_autoencoder_and_calm_runs(quickstart_dir, tmp_path):

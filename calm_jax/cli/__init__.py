@@ -1,7 +1,7 @@
 """The command-line layer: the absl app runner, the log setup and the defaults older runs lack.
 
 The modules here (train, eval, generate, quickstart, diagnose, convert, tokenizer, prepare,
-reference_check) are the only ones in calm_jax that parse flags or read experiments/.
+plot, reference_check) are the only ones in calm_jax that parse flags or read experiments/.
 """
 import logging
 import sys
@@ -31,8 +31,11 @@ def setup_logging():
   absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
-def run_app(main, required, modules):
+def run_app(main, required, modules, takes_args=False):
   """Runs main() under absl with the log setup and the one-line exit for a UserError.
+
+  takes_args: main(args) gets the positional arguments (calm-plot's workdirs); else any
+  positional argument is refused.
 
   `required` flags are marked as such and the flags of `modules` made key flags: a
   console script's __main__ is the installed wrapper, so absl's --help would list no
@@ -44,11 +47,11 @@ def run_app(main, required, modules):
   flags.mark_flags_as_required(required)
 
   def absl_main(argv):
-    if len(argv) > 1:
+    if len(argv) > 1 and not takes_args:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     setup_logging()
     with errors.exit_on_user_error():
-      main()
+      main(argv[1:]) if takes_args else main()
 
   app.run(absl_main)
 

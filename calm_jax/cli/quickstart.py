@@ -9,9 +9,10 @@ Stages (each with its own progress bar), all in this process:
   4. eval         autoencoder token accuracy, CALM Brier-1..4 / BrierLM on the corpus' valid split
                   beside the unigram model's (it says whether CALM beat it)
   5. sample       a CALM continuation of a prompt at config.sampling's temperature (0.5)
-A summary table is printed and written to Q/summary.json. Re-running on the same
-workdir reuses finished stages: the tokenizer file is kept and the trainer
-resumes each run from its last checkpoint (returning at once when it is done).
+A summary table is printed and written to Q/summary.json, the training curves of both runs
+to Q/curves.png (calm-plot). Re-running on the same workdir reuses finished stages: the
+tokenizer file is kept and the trainer resumes each run from its last checkpoint (returning
+at once when it is done).
 --small shrinks everything (steps, vocab, eval tokens) for the test suite.
 The sizes below are the quickstart's own overrides of the experiment configs.
 """
@@ -26,6 +27,7 @@ import jax
 from calm_jax import cli
 from calm_jax import config as config_lib
 from calm_jax import runs
+from calm_jax.cli import plot
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
 from calm_jax.eval import evaluator
@@ -117,8 +119,11 @@ def run_quickstart(workdir, small=False, devices=None):
   calm_run = runs.open_run(calm_dir, devices=devices)
   calm_result = evaluator.evaluate_run(calm_run)
   for name, result in (("autoencoder", ae_result), ("calm", calm_result)):
-    with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    # Also in the run's workdir under calm-eval's name, where calm-plot finds it.
+    for path in (os.path.join(workdir, f"eval_{name}.json"),
+                 os.path.join(workdir, name, f"eval_step_{result['step']}.json")):
+      with open(path, "w") as f:
+        json.dump(result, f, indent=2)
   timings["eval"] = time.perf_counter() - t
 
   t = _stage("5/5 sample")
@@ -154,6 +159,8 @@ def run_quickstart(workdir, small=False, devices=None):
   print(evaluator.format_table({k: v for k, v in summary.items() if k != "seconds"}
                               | {f"seconds[{k}]": v for k, v in summary["seconds"].items()}))
   print(unigram_verdict(calm_result))
+  curves = plot.plot([ae_dir, calm_dir], os.path.join(workdir, "curves.png"))
+  print(f"Training curves: {curves}  (calm-plot {ae_dir} {calm_dir} --output FILE)")
   sys.stdout.flush()
   return summary
 

@@ -8,7 +8,7 @@ inside its own package, or as listed in SAME_RANK):
   3  eval/ sampling/ convert/  the evaluator, generation for a run, checkpoint conversion
   2  runs.py                  a workdir opened for training, eval or sampling
   1  stages.py                the one registry: stage -> model, eval terms, sampler
-  0  models/ data/ parallel/ config.py checkpoint.py errors.py, and the pure kernels the
+  0  models/ data/ parallel/ config.py checkpoint.py errors.py progress.py, and the pure kernels the
      registry hands out: eval/brier.py, eval/terms.py, sampling/temperature.py,
      sampling/decode.py (functions of a model and arrays; they import no run or stage)
 """
@@ -27,7 +27,7 @@ KERNELS = {"calm_jax.eval.brier", "calm_jax.eval.terms", "calm_jax.sampling.temp
            "calm_jax.sampling.decode"}
 RANKS = {"cli": 5, "training": 4, "eval": 3, "sampling": 3, "convert": 3, "runs": 2, "stages": 1}
 SAME_RANK = {("runs", "stages")}     # (importer, imported) across packages of one rank
-TOP_LEVEL = {"__init__", "config", "runs", "stages", "checkpoint", "errors"}
+TOP_LEVEL = {"__init__", "config", "runs", "stages", "checkpoint", "errors", "progress"}
 REQUIRED = [
     "config.py", "runs.py", "stages.py", "checkpoint.py",
     "data/sources.py", "data/tokenizer.py", "data/pipeline.py", "data/prepare.py",

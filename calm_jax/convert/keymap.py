@@ -22,6 +22,7 @@ import re
 
 import numpy as np
 
+from calm_jax import progress
 from calm_jax.convert import ConvertError
 
 # Non-persistent buffers that older transformers versions saved; recomputed from rope_theta.
@@ -204,7 +205,7 @@ def import_params(tensors, rules, shapes, what):
   for path, shape in shapes.items():
     if any(r.path == path and r.layer is not None for r in rules):
       flat[path] = np.empty(shape, np.float32)
-  for rule in rules:
+  for rule in progress.bar(rules, desc=f"convert {what}", unit="tensor"):
     names = [k for k in (rule.key,) + rule.aliases if k in present]
     if not names:
       raise ConvertError(f"{what}: key {rule.key!r} is missing from the checkpoint (needed for "
@@ -236,7 +237,7 @@ def export_specs(rules, shapes):
 def export_tensors(params, rules):
   """Yields the reference's tensors (float32, aliases included) one at a time, in rule order."""
   flat = _flat(params)
-  for rule in rules:
+  for rule in progress.bar(rules, desc="export", unit="tensor"):
     param = np.asarray(flat[rule.path], np.float32)
     tensor = to_reference(rule, param if rule.layer is None else param[rule.layer])
     for _ in (rule.key,) + rule.aliases:

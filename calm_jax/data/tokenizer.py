@@ -13,10 +13,12 @@ import hashlib
 import io
 import logging
 import os
+import time
 
 import sentencepiece as spm
 
 from calm_jax import errors
+from calm_jax import progress
 from calm_jax.data import hf_tokenizer
 
 PAD_ID = 0  # padding; carries mask 0 in batches
@@ -99,12 +101,20 @@ def train_tokenizer(texts, vocab_size, output_path, model_type="bpe", max_chars=
     raise TokenizerError(
         f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 pieces "
         "plus 4 special ids; use at least 300.")
-  sentences = list(_training_sentences(texts, max_chars))
+  sentences = []
+  with progress.bar(total=max_chars, desc="tokenizer: reading text", unit="char",
+                    unit_scale=True) as bar:
+    for sentence in _training_sentences(texts, max_chars):
+      sentences.append(sentence)
+      bar.update(len(sentence))
   if not sentences:
     raise TokenizerError(
         f"No training text for the tokenizer {output_path}: the data source is empty.")
   # Characters outside the coverage fall back to bytes; a small vocabulary may not
   # hold every frequent character, so the coverage is lowered until it fits.
+  logging.info("Training a %d-piece %s tokenizer on %d sentences (SentencePiece, no progress "
+               "of its own)...", vocab_size, model_type, len(sentences))
+  start = time.monotonic()
   for coverage in _CHARACTER_COVERAGES:
     try:
       model = _train(sentences, vocab_size, model_type, coverage)
@@ -115,7 +125,8 @@ def train_tokenizer(texts, vocab_size, output_path, model_type="bpe", max_chars=
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   with open(output_path, "wb") as f:
     f.write(model)
-  logging.info("Wrote a %d-piece %s tokenizer to %s", vocab_size, model_type, output_path)
+  logging.info("Wrote a %d-piece %s tokenizer to %s (trained in %.1f s)", vocab_size, model_type,
+               output_path, time.monotonic() - start)
   return Tokenizer.load(output_path)
 
 

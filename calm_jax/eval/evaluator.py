@@ -18,9 +18,9 @@ import sys
 
 import jax
 import numpy as np
-import tqdm
 
 from calm_jax import errors
+from calm_jax import progress as progress_lib
 from calm_jax import stages
 from calm_jax.data import pipeline
 from calm_jax.eval import brier
@@ -100,9 +100,9 @@ def evaluate_run(run, data=None, max_tokens=None, seed=0, progress=True, brier_s
     k = stage.chunk(config)
     p_V, unigram_source = unigram.token_frequencies(config, run.tokenizer,
                                                     config.eval.unigram_tokens)
-  bar = tqdm.tqdm(desc=f"eval {config.stage}", unit="tok", unit_scale=True, file=sys.stdout,
-                  disable=not progress or jax.process_index() != 0, dynamic_ncols=True,
-                  total=max_tokens or None)
+  bar = progress_lib.bar(desc=f"eval {config.stage}", unit="tok", unit_scale=True,
+                         file=sys.stdout, enabled=progress and jax.process_index() == 0,
+                         total=max_tokens or None)
 
   def on_batch(local, tokens):
     bar.update(tokens)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from calm_jax import errors
+from calm_jax import progress
 from calm_jax import stages
 from calm_jax.sampling import decode
 
@@ -29,10 +30,17 @@ def generate(run, prompt, sampling, seed=0):
   prompts = np.tile(row[None], (sampling.num_samples,) + (1,) * row.ndim)
   rng = jax.random.key(seed)
   fn = lambda: sampler.generate(run.params, prompts, rng)
-  jax.block_until_ready(fn())          # compile (and warm up) outside the timing
-  start = time.perf_counter()
-  tokens, stats = jax.block_until_ready(fn())
-  seconds = time.perf_counter() - start
+  # Two passes, each one jitted decode loop (no host round trip per token, so no finer
+  # progress): compile and warm up, then the timed one.
+  with progress.bar(total=2, desc=f"generate {sampling.num_samples} x {sampling.max_tokens} "
+                    "tokens (compile, then timed)", unit="pass",
+                    enabled=jax.process_index() == 0) as bar:
+    jax.block_until_ready(fn())
+    bar.update(1)
+    start = time.perf_counter()
+    tokens, stats = jax.block_until_ready(fn())
+    seconds = time.perf_counter() - start
+    bar.update(1)
   tokens, stats = jax.device_get((tokens, stats))
   rows = [decode.until_eos(r[:sampling.max_tokens], special) for r in tokens]
   produced = sum(len(r) for r in rows)

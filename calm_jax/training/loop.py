@@ -17,11 +17,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import tqdm
 
 from calm_jax import checkpoint
 from calm_jax import config as config_lib
 from calm_jax import errors
+from calm_jax import progress
 from calm_jax import runs
 from calm_jax import stages
 from calm_jax.data import pipeline
@@ -283,8 +283,8 @@ def train_and_evaluate(config, workdir, devices=None):
 
     # -- Loop ---------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_primary, config=config)
-    bar = tqdm.tqdm(total=config.train.steps, initial=int(jax.device_get(state.step)),
-                    desc=config.stage, disable=not is_primary, dynamic_ncols=True, file=sys.stdout)
+    bar = progress.bar(total=config.train.steps, initial=int(jax.device_get(state.step)),
+                       desc=config.stage, unit="step", enabled=is_primary, file=sys.stdout)
     book = _Bookkeeping(config, state, ckpt, writer, bar, workdir, started_at)
     try:
       _loop(config, book, state, frozen, train_step, train_iter, batch_sharding, evaluate)
@@ -304,7 +304,7 @@ def _log_progress(step, total, metrics, eta_s):
       ("step", "step_time_s_p50", ".3f"), ("p90", "step_time_s_p90", ".3f"),
       ("data wait", "data_wait_fraction", ".1%"), ("goodput", "goodput", ".1%"))
                    if key in metrics)
-  eta = f", ETA {tqdm.tqdm.format_interval(eta_s)}" if eta_s is not None else ""
+  eta = f", ETA {progress.format_interval(eta_s)}" if eta_s is not None else ""
   logging.info("step %d/%d: loss %.4f, %.0f tokens/s%s%s", step, total, metrics["loss"],
                metrics["tokens_per_s"], timing, eta)
 

@@ -107,8 +107,12 @@ def test_pauses_are_badput_and_outside_step_times(tmp_path):
   row = eff.metrics(3)
   assert row["step_time_s_p90"] == pytest.approx(1.0)   # the save is in no step's time
   assert row["goodput"] == pytest.approx(3.0 / 11.0)    # 3 steps of 1 s in 11 s
-  ledger = json.load(open(os.path.join(tmp_path, efficiency.GOODPUT_FILE)))
+  with open(os.path.join(tmp_path, efficiency.GOODPUT_FILE)) as f:
+    ledger = json.load(f)
   assert ledger["saved"]["2"] == pytest.approx(2.0)     # productive seconds at the saved step
+  assert ledger["this_attempt"] == pytest.approx({"startup_s": 5.0, "input_wait_s": 0.0,
+                                                  "pauses_s": 3.0, "wall_s": 11.0,
+                                                  "redone_s": 0.0})
 
 
 def test_a_restart_counts_earlier_wall_time_and_the_work_it_redoes(tmp_path):

@@ -16,7 +16,9 @@ Logged with every metrics row:
   step is dispatched), input waits, checkpoint saves, evals and profiler writes, less the work
   lost to a restart (steps redone since the checkpoint resumed from). Wall time counts while a
   trainer runs; the time between a kill and the rerun is not counted. The ledger is
-  WORKDIR/goodput.json (per saved step, the productive seconds at that step).
+  WORKDIR/goodput.json: the totals, this attempt's lost time by kind, and per saved step the
+  productive seconds at that step. Input waits that overlap the device's previous step count
+  as lost too, so an input-bound run's goodput is a lower bound.
 """
 import collections
 import contextlib
@@ -91,6 +93,7 @@ class Goodput:
     self.clock, self.started_at, self.write_enabled = clock, started_at, write
     self.badput_s = 0.0                  # this attempt: start-up, input waits, saves, evals
     self.startup_s = None
+    self.lost = {"startup_s": 0.0, "input_wait_s": 0.0, "pauses_s": 0.0}   # the same, by kind
     ledger = _read_ledger(self.path)
     self.saved = {int(k): v for k, v in ledger.get("saved", {}).items()}
     self.saved.setdefault(0, 0.0)        # step 0 needs no checkpoint: nothing done before it
@@ -110,12 +113,14 @@ class Goodput:
   def first_dispatch(self):
     """The first step of this attempt was dispatched (compiled): start-up ends."""
     if self.startup_s is None:
-      self.startup_s = self.clock() - self.started_at
+      self.startup_s = self.lost["startup_s"] = self.clock() - self.started_at
       self.badput_s += self.startup_s
+      logging.info("Start-up (config, data, model, restore, compile) took %.1f s.", self.startup_s)
 
-  def add_badput(self, seconds):
+  def add_badput(self, seconds, kind):
     if self.startup_s is not None:       # before the first dispatch it is part of start-up
       self.badput_s += seconds
+      self.lost[kind] += seconds
 
   def totals(self):
     """(productive_s, wall_s) over every attempt, up to now."""
@@ -137,6 +142,8 @@ class Goodput:
     if not self.write_enabled:
       return
     row = {"step": step, "wall_s": wall, "productive_s": productive, "goodput": self.value(),
+           "this_attempt": {**self.lost, "wall_s": self.clock() - self.started_at,
+                            "redone_s": self.lost_s},
            "saved": {str(k): v for k, v in sorted(self.saved.items())}}
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
@@ -172,7 +179,7 @@ class Efficiency:
     start = self.clock()
     yield
     self._wait = self.clock() - start
-    self.goodput.add_badput(self._wait)
+    self.goodput.add_badput(self._wait, "input_wait_s")
 
   def dispatched(self, step, marker):
     """Step `step` (updates done once it ends) was dispatched; `marker` is one of its outputs."""
@@ -193,7 +200,7 @@ class Efficiency:
     try:
       yield
     finally:
-      self.goodput.add_badput(self.clock() - start)
+      self.goodput.add_badput(self.clock() - start, "pauses_s")
       self.times.restart_clock()
 
   def metrics(self, step):

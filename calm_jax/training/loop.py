@@ -186,7 +186,8 @@ class _Bookkeeping:
     metrics.update(self._rates(step))
     self.writer.write(step, metrics)
     self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-    _log_progress(step, self.config.train.steps, metrics, self.eff.eta_s)
+    if self.writer.enabled:           # the primary process logs
+      _log_progress(step, self.config.train.steps, metrics, self.eff.eta_s)
     self.last_logged = metrics
     self.halt_if_nonfinite(int(metrics["skipped_updates"]), metrics["last_bad_step"],
                            metrics["loss"])

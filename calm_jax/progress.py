@@ -1,6 +1,6 @@
 """Progress of long steps: a tqdm bar with rate and ETA on a terminal, periodic log lines otherwise.
 
-`bar(...)` is used by prepare, tokenizer training, eval, generation, convert and the trainer.
+`bar(...)` is used by tokenizer training, eval, generation, convert and the trainer.
 Where the output stream is not a terminal (a batch job's log file, CI), a bar would write
 carriage-return updates into the file; instead one INFO line goes to the log every
 LOG_EVERY_S seconds and at the end: "eval ar: 40.0k/100k tok (40%), 2.1k tok/s, ETA 00:28".

@@ -1,13 +1,12 @@
 """Progress off a terminal (calm_jax/progress.py): periodic log lines with rate and ETA; a tqdm bar on one."""
 import io
-import json
 import logging
 
 import pytest
 import tqdm
 
 from calm_jax import progress
-from calm_jax.data import prepare
+from calm_jax.data import tokenizer as tokenizer_lib
 
 pytestmark = pytest.mark.unit
 
@@ -75,15 +74,14 @@ def test_a_terminal_gets_a_tqdm_bar_and_disabled_prints_nothing(caplog):
   assert not _lines(caplog)
 
 
-def test_prepare_logs_its_progress_when_not_on_a_terminal(tiny_tokenizer_path, tmp_path,
-                                                          monkeypatch, caplog):
-  corpus = tmp_path / "docs.jsonl"
-  corpus.write_text("".join(json.dumps({"text": f"document number {i} " * 20}) + "\n"
-                            for i in range(200)))
+def test_tokenizer_training_logs_its_progress_when_not_on_a_terminal(tmp_path, monkeypatch,
+                                                                     caplog):
+  texts = [f"line {i} of a small corpus about functions and modules\n" * 5 for i in range(200)]
   monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
   monkeypatch.setattr("sys.stderr", io.StringIO())
   with caplog.at_level(logging.INFO):
-    prepare.prepare(f"jsonl:{corpus}", tiny_tokenizer_path, str(tmp_path / "out"), num_shards=2)
-  lines = [m for m in _lines(caplog) if m.startswith("prepare: ")]
-  assert len(lines) > 2 and "doc/s, ETA" in lines[0]          # one per update at interval 0
-  assert lines[-1].startswith("prepare: 200/200 doc (100%)") and "done in" in lines[-1]
+    tokenizer_lib.train_tokenizer(texts, 300, str(tmp_path / "t.model"), max_chars=20_000)
+  lines = [m for m in _lines(caplog) if m.startswith("tokenizer: reading text: ")]
+  assert len(lines) > 2 and "char/s, ETA" in lines[0]       # one per update at interval 0
+  assert lines[-1].startswith("tokenizer: reading text: 20.0k/20.0k char (100%)")
+  assert "done in" in lines[-1]

@@ -7,11 +7,12 @@ source order, encoded as sources.encode_tokens describes) and DIR/prepare.json
 import glob
 import json
 import os
+import sys
 import time
 
 from array_record.python import array_record_module
+import tqdm
 
-from calm_jax import progress as progress_lib
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
 
@@ -26,7 +27,7 @@ def shard_paths(output_dir, num_shards):
 
 def _text_batches(source, progress):
   """Yields lists of up to _ENCODE_BATCH documents in source order, with a progress bar."""
-  bar = progress_lib.bar(total=len(source), desc="prepare", unit="doc", enabled=progress)
+  bar = tqdm.tqdm(total=len(source), unit="doc", disable=not progress, file=sys.stderr)
   with bar:
     for start in range(0, len(source), _ENCODE_BATCH):
       texts = [source[i] for i in range(start, min(start + _ENCODE_BATCH, len(source)))]

@@ -20,6 +20,8 @@ setuptools.setup(
         "sentencepiece>=0.2.3,<0.3",
         "ml-collections>=1.1.0,<2",
         "array-record>=0.8.6,<0.9",
+        "zstandard>=0.22,<1",              # .zst data files (the Pile's jsonl.zst)
+        "pyarrow>=14",                     # parquet: data SPECs
         "numpy>=2.0",
         "absl-py>=2.3",
         "tqdm>=4.66",

@@ -42,7 +42,7 @@ def test_calm_prepare_summary(tmp_path, tiny_tokenizer_path, capsys):
 
 
 @pytest.mark.parametrize("data, message", [
-    ("parquet:x", "Unknown data SPEC 'parquet:x'"),
+    ("csv:x", "Unknown data SPEC 'csv:x'"),
     ("jsonl:/nonexistent/*.jsonl", "/nonexistent/*.jsonl matches no files"),
 ])
 def test_calm_prepare_bad_spec_exits_with_one_line(data, message, tiny_tokenizer_path, tmp_path,

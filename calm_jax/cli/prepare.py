@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from calm_jax.cli import tokenizer as cli_tokenizer
 from calm_jax.data import prepare
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
@@ -21,8 +22,7 @@ def _parse_args(argv):
                       help="SentencePiece .model, tokenizer.json or a directory with one")
   parser.add_argument("--output", required=True, help="output directory for the shards")
   parser.add_argument("--num_shards", type=int, default=4, help="number of ArrayRecord files")
-  parser.add_argument("--skip_bad_records", action="store_true",
-                      help="skip malformed JSONL lines with a warning instead of failing")
+  cli_tokenizer.add_bad_line_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -31,7 +31,7 @@ def run(argv=None):
   args = _parse_args(argv)
   try:
     summary = prepare.prepare(args.data, args.tokenizer, args.output, args.num_shards,
-                              args.skip_bad_records)
+                              cli_tokenizer.max_bad_fraction(args))
   except (sources.DataError, tokenizer_lib.TokenizerError, OSError) as e:
     print(f"calm-prepare: error: {e}", file=sys.stderr)
     sys.exit(1)

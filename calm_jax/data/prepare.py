@@ -35,7 +35,7 @@ def _text_batches(source, progress):
       bar.update(len(texts))
 
 
-def prepare(spec, tokenizer_path, output_dir, num_shards=4, skip_bad_records=False,
+def prepare(spec, tokenizer_path, output_dir, num_shards=4, max_bad_fraction=0.0,
             progress=True):
   """Tokenizes every document of a text SPEC into ArrayRecord shards under output_dir.
 
@@ -45,7 +45,7 @@ def prepare(spec, tokenizer_path, output_dir, num_shards=4, skip_bad_records=Fal
   if any(p.strip().startswith("arrayrecord:") for p in spec.split(",")):
     raise sources.DataError(f"{spec!r} is already tokenized (arrayrecord); give a text SPEC.")
   tok = tokenizer_lib.load(tokenizer_path)
-  source = sources.parse_spec(spec, skip_bad_records)
+  source = sources.parse_spec(spec, max_bad_fraction)
   if len(source) == 0:
     raise sources.DataError(f"The data SPEC {spec!r} has no documents.")
   num_shards = max(1, min(num_shards, len(source)))

@@ -110,8 +110,8 @@ def test_arrayrecord_via_prepare_and_mixture(tmp_path, tiny_tokenizer, tiny_toke
   docs = [f"Document number {i}: " + "spam " * i for i in range(1, 8)]
   _write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs])
   summary = prepare.prepare(f"jsonl:{tmp_path}/c.jsonl", tiny_tokenizer_path,
-                            str(tmp_path / "out"), num_shards=3, progress=False)
-  assert summary["documents"] == 7 and summary["shards"] == 3
+                            str(tmp_path / "out"), part_bytes=100)
+  assert summary["documents"] == 7 and summary["total"]["shards"] == 3
   expected = [tiny_tokenizer.encode(d) for d in docs]
   assert summary["tokens"] == sum(len(e) for e in expected)
   for spec in (f"arrayrecord:{tmp_path}/out", f"arrayrecord:{tmp_path}/out/*.array_record"):

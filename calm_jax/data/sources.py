@@ -69,7 +69,7 @@ def _log_skipped(what, empty, invalid):
     logging.warning("%s: skipped %d empty and %d non-UTF-8 documents.", what, empty, invalid)
 
 
-def _expand_glob(scheme, pattern, suffix=""):
+def expand_glob(scheme, pattern, suffix=""):
   """Sorted absolute paths matching `pattern` (a directory: its *suffix files)."""
   pattern = os.path.expanduser(pattern)
   if suffix and os.path.isdir(pattern):
@@ -229,7 +229,7 @@ class MixtureSource:
     return self._sources[part][index - self._offsets[part]]
 
 
-def _split_field(body, default="text"):
+def split_field(body, default="text"):
   body, _, field = body.partition("#")
   return body, field or default
 
@@ -258,7 +258,7 @@ def is_stream(source):
 
 
 def _lines_source(scheme, pattern, field, max_bad_fraction, check_only):
-  paths = _expand_glob(scheme, pattern)
+  paths = expand_glob(scheme, pattern)
   if check_only:
     return None
   if any(records.is_compressed(p) for p in paths):
@@ -280,20 +280,20 @@ def _parse_one(spec, max_bad_fraction, check_only):
           f"Unknown builtin corpus {spec!r}; use builtin:python_docs[:train|valid|all].")
     return None if check_only else BuiltinSource(split or "train")
   if scheme == "tfds":
-    body, field = _split_field(body)
+    body, field = split_field(body)
     name, split = _parse_tfds(body)
     return None if check_only else TfdsSource(name, split, field)
   if scheme in ("jsonl", "lines"):
-    pattern, field = _split_field(body) if scheme == "jsonl" else (body, None)
+    pattern, field = split_field(body) if scheme == "jsonl" else (body, None)
     return _lines_source(scheme, pattern, field, max_bad_fraction, check_only)
   if scheme == "parquet":
-    pattern, column = _split_field(body)
-    paths = _expand_glob(scheme, pattern)
+    pattern, column = split_field(body)
+    paths = expand_glob(scheme, pattern)
     return None if check_only else streams.StreamSource(scheme, paths, column, max_bad_fraction)
   if scheme == "text":
-    paths = _expand_glob(scheme, body)
+    paths = expand_glob(scheme, body)
     return None if check_only else TextSource(paths)
-  paths = _expand_glob(scheme, body, suffix=ARRAYRECORD_SUFFIX)
+  paths = expand_glob(scheme, body, suffix=ARRAYRECORD_SUFFIX)
   return None if check_only else ArrayRecordSource(paths)
 
 

@@ -37,7 +37,7 @@ def _read_lines(path, field, position):
         "replace the file or leave it out of the SPEC.") from e
 
 
-def _parquet_file(path):
+def parquet_file(path):
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   try:
     return pq.ParquetFile(path)
@@ -47,7 +47,7 @@ def _parquet_file(path):
 
 
 def check_parquet_column(path, column):
-  names = _parquet_file(path).schema_arrow.names
+  names = parquet_file(path).schema_arrow.names
   if column not in names:
     raise records.DataError(f"parquet:{path} has no column {column!r} (columns: {names}); "
                             f"use parquet:GLOB#COLUMN.")
@@ -55,7 +55,7 @@ def check_parquet_column(path, column):
 
 def _read_parquet(path, column, position):
   """Yields ([row, row], text | None, why) for the rows of a Parquet file from row position[0]."""
-  parquet = _parquet_file(path)
+  parquet = parquet_file(path)
   first = 0
   for group in range(parquet.num_row_groups):
     rows = parquet.metadata.row_group(group).num_rows

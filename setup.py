@@ -35,6 +35,8 @@ setuptools.setup(
         "test": ["pytest>=8", "safetensors>=0.4"],
         # pytorch_model.bin checkpoints (calm-convert reads safetensors without torch).
         "convert": ["torch>=2.4"],
+        # calm-prepare --runner beam (Dataflow, Flink, Spark; tested on the DirectRunner).
+        "beam": ["apache-beam>=2.60,<3"],
     },
     entry_points={
         "console_scripts": [

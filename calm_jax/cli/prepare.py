@@ -31,6 +31,8 @@ def _parse_args(argv):
                       help="do only shard I of --num_shards (default: all of them here)")
   parser.add_argument("--part_mb", type=float, default=prepare.PART_BYTES / 2**20,
                       help="uncompressed MiB of a line file per output shard file")
+  parser.add_argument("--part_docs", type=int, default=prepare.PART_DOCS,
+                      help="documents of a random-access source (builtin:, text:, tfds:) per shard")
   parser.add_argument("--runner", choices=("local", "beam"), default="local",
                       help="'beam': an Apache Beam pipeline (pip install -e '.[beam]'); pass "
                       "Beam's own flags (--runner_flags='--runner=DataflowRunner ...')")
@@ -41,10 +43,10 @@ def _parse_args(argv):
 
 def _prepare(args):
   kw = dict(max_bad_fraction=cli_tokenizer.max_bad_fraction(args),
-            part_bytes=int(args.part_mb * 2**20))
+            part_bytes=int(args.part_mb * 2**20), part_docs=args.part_docs)
   if args.runner == "beam":
     from calm_jax.data import prepare_beam  # pylint: disable=g-import-not-at-top
-    return prepare_beam.prepare(args.data, args.tokenizer, args.output,
+    return prepare_beam.prepare_with_beam(args.data, args.tokenizer, args.output,
                                 pipeline_flags=args.runner_flags.split(), **kw)
   return prepare.prepare(args.data, args.tokenizer, args.output, num_workers=args.num_workers,
                          num_shards=args.num_shards, shard_index=args.shard_index, **kw)

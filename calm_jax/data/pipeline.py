@@ -2,7 +2,13 @@
 
   source --(train: shuffle per epoch, repeat forever)--> this process's slice
   (documents i with i % process_count == process_index) --> tokenize + EOS
-  --> pack into blocks of seq_len --> batch --> prefetch
+  --> pack into blocks of seq_len [--> weighted mix of the components' blocks]
+  --> batch --> prefetch
+
+Random-access sources are shuffled globally (grain MapDataset); streaming sources (.gz/.zst
+line files, Parquet: streams.StreamDataset) shuffle their file order per epoch. A weighted
+mixture (SPEC@w,...) packs every component on its own and mixes the packed rows with
+grain's IterDataset.mix, whose state holds every component's state.
 
 Packing (both keep every token exactly once, in order):
   'concat'         documents, each followed by EOS, are concatenated and cut into

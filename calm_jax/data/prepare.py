@@ -43,14 +43,14 @@ def shard_path(output_dir, unit, part):
   return os.path.join(output_dir, f"data-{unit:05d}-{part:05d}{sources.ARRAYRECORD_SUFFIX}")
 
 
-def _write_json(path, value):
+def write_json(path, value):
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(value, f, indent=2)
   os.replace(tmp, path)
 
 
-def _read_json(path):
+def read_json(path):
   with open(path) as f:
     return json.load(f)
 
@@ -76,7 +76,7 @@ def make_plan(spec, tokenizer_path, output_dir, part_bytes, part_docs):
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, PLAN_FILE)
   if os.path.exists(path):
-    old = _read_json(path)
+    old = read_json(path)
     changed = [k for k in plan if k != "tokenizer" and old.get(k) != plan[k]]
     if changed:
       raise records.DataError(
@@ -87,7 +87,7 @@ def make_plan(spec, tokenizer_path, output_dir, part_bytes, part_docs):
         f"{output_dir} already holds .array_record files but no {PLAN_FILE}; use another "
         f"--output or delete them (they would mix into arrayrecord:{output_dir}).")
   else:
-    _write_json(path, plan)
+    write_json(path, plan)
   return plan, units
 
 
@@ -122,7 +122,7 @@ def _write_part(output_dir, unit, part, texts_where, tok, bad):
   os.replace(tmp, final)
   counts.update(lines=bad.lines - lines0, empty=bad.empty - empty0, bad=bad.bad - bad0,
                 first=bad.first[first0:])
-  _write_json(final + ".done", counts)
+  write_json(final + ".done", counts)
   return counts
 
 
@@ -151,7 +151,7 @@ def work(plan, levels, max_bad_fraction):
       done["documents"] += counts["documents"]
       done["tokens"] += counts["tokens"]
     bad.check(final=True)
-    _write_json(os.path.join(output_dir, f"data-{u:05d}.parts"), dict(parts=count))
+    write_json(os.path.join(output_dir, f"data-{u:05d}.parts"), dict(parts=count))
   done["seconds"] = time.time() - start
   return done
 
@@ -163,11 +163,11 @@ def summarize(output_dir, n_units):
     parts_file = os.path.join(output_dir, f"data-{u:05d}.parts")
     if not os.path.exists(parts_file):
       return None
-    for part in range(_read_json(parts_file)["parts"]):
+    for part in range(read_json(parts_file)["parts"]):
       marker = shard_path(output_dir, u, part) + ".done"
       if not os.path.exists(marker):
         return None
-      counts = _read_json(marker)
+      counts = read_json(marker)
       for k in ("documents", "tokens", "lines", "empty", "bad"):
         total[k] += counts[k]
       total["shards"] += 1
@@ -197,12 +197,16 @@ def prepare(spec, tokenizer_path, output_dir, *, num_workers=1, num_shards=1, sh
       futures = [pool.submit(work, plan, machines + [(num_workers, w)], max_bad_fraction)
                  for w in range(num_workers)]
       results = [f.result() for f in futures]
-  seconds = time.time() - start
   run = {k: sum(r[k] for r in results) for k in ("parts", "documents", "tokens")}
-  run.update(seconds=round(seconds, 2), workers=max(1, num_workers),
-             tokens_per_s_per_worker=round(run["tokens"] / max(seconds, 1e-9) / max(1, num_workers)))
-  total = summarize(output_dir, len(units))
+  return finish(spec, plan, output_dir, run, time.time() - start, max(1, num_workers))
+
+
+def finish(spec, plan, output_dir, run, seconds, workers):
+  """This run's counts + rate; writes prepare.json when every part of every unit is done."""
+  run = dict(run, seconds=round(seconds, 2), workers=workers,
+             tokens_per_s_per_worker=round(run["tokens"] / max(seconds, 1e-9) / workers))
+  total = summarize(output_dir, len(plan["unit_args"]))
   if total is not None:
-    _write_json(os.path.join(output_dir, SUMMARY_FILE),
-                dict(total, data=spec, tokenizer=plan["tokenizer"], vocab_size=plan["vocab_size"]))
+    write_json(os.path.join(output_dir, SUMMARY_FILE),
+               dict(total, data=spec, tokenizer=plan["tokenizer"], vocab_size=plan["vocab_size"]))
   return dict(run, complete=total is not None, total=total)

@@ -139,10 +139,8 @@ def _parquet_rows(unit, group, first):
   parquet = streams.parquet_file(unit.path)
   values = parquet.read_row_group(group, columns=[unit.field]).column(0).to_pylist()
   for i, value in enumerate(values):
-    if isinstance(value, bytes):
-      value = records.text_or_none(value)
-    why = None if isinstance(value, str) else f"column {unit.field!r} is not text"
-    yield (value if why is None else None), f"{unit.path}:{first + i + 1}", why
+    text, why = streams.parquet_text(value, unit.field)
+    yield text, f"{unit.path}:{first + i + 1}", why
 
 
 def _source_parts(unit, part_docs):

@@ -53,6 +53,15 @@ def check_parquet_column(path, column):
                             f"use parquet:GLOB#COLUMN.")
 
 
+def parquet_text(value, column):
+  """One Parquet cell -> (text, None), or (None, why it is bad): null, not text, not UTF-8."""
+  if isinstance(value, bytes):
+    value = records.text_or_none(value)
+  if isinstance(value, str):
+    return value, None
+  return None, f"column {column!r} is not text ({value!r:.40})"
+
+
 def _read_parquet(path, column, position):
   """Yields ([row, row], text | None, why) for the rows of a Parquet file from row position[0]."""
   parquet = parquet_file(path)
@@ -62,20 +71,8 @@ def _read_parquet(path, column, position):
     if position[0] < first + rows:
       values = parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
       for i in range(max(0, position[0] - first), rows):
-        value = values[i]
-        if isinstance(value, bytes):
-          value = value.decode("utf-8", errors="strict") if _utf8(value) else None
-        why = None if isinstance(value, str) else f"column {column!r} is not text ({value!r:.40})"
-        yield [first + i + 1, first + i + 1], value if why is None else None, why
+        yield [first + i + 1, first + i + 1], *parquet_text(values[i], column)
     first += rows
-
-
-def _utf8(value):
-  try:
-    value.decode("utf-8")
-    return True
-  except UnicodeError:
-    return False
 
 
 class StreamSource:

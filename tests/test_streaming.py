@@ -187,3 +187,25 @@ def test_mixture_spec_rules(tmp_path):
     sources.parse_spec(f"jsonl:{tmp_path}/a.jsonl,jsonl:{tmp_path}/b.jsonl.zst")
   texts = list(sources.iter_texts(f"jsonl:{tmp_path}/a.jsonl@2,jsonl:{tmp_path}/b.jsonl.zst@1"))
   assert sorted(texts) == ["one", "three", "two"]
+
+
+def test_stream_mixture_state_round_trips_through_orbax_with_prefetch(tmp_path, tiny_tokenizer):
+  import grain  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  _write(tmp_path / "a.jsonl.zst", _jsonl_bytes([f"alpha {i} " * 3 for i in range(30)]))
+  _write_parquet(tmp_path / "b.parquet", [f"zeta {i} " * 2 for i in range(20)], 6)
+  spec = f"jsonl:{tmp_path}/a.jsonl.zst@3,parquet:{tmp_path}/b.parquet#body@1"
+  kw = dict(seq_len=16, batch_size=4, shuffle=True, seed=2, repeat=True, prefetch=2)
+  it = iter(pipeline.make_dataset(spec, tiny_tokenizer, **kw))  # prefetch as the trainer's
+  _batches(it, 11)
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+  with ocp.CheckpointManager(tmp_path / "ckpt", options=options,
+                             item_names=("data_iter",)) as manager:
+    manager.save(11, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+  expected = _batches(it, 6)
+  restored = iter(pipeline.make_dataset(spec, tiny_tokenizer, **kw))
+  with ocp.CheckpointManager(tmp_path / "ckpt", options=options,
+                             item_names=("data_iter",)) as manager:
+    manager.restore(11, args=ocp.args.Composite(
+        data_iter=grain.checkpoint.CheckpointRestore(restored)))
+  _assert_same(_batches(restored, 6), expected)

@@ -72,5 +72,10 @@ def test_calm_prepare_malformed_jsonl_subprocess(tmp_path, tiny_tokenizer_path):
       capture_output=True, text=True, env=env, timeout=120, check=False)
   assert result.returncode != 0
   assert "Traceback" not in result.stderr + result.stdout
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and f"{data}:3: malformed JSON" in lines[0]
+  lines = result.stderr.strip().splitlines()  # progress lines, then one error line
+  errors = [line for line in lines if "error:" in line]
+  assert errors == lines[-1:] and f"{data}:3: malformed JSON" in errors[0]
+  # The shard written before the unit was judged is done, but a rerun judges it again.
+  rerun = subprocess.run(result.args, capture_output=True, text=True, env=env, timeout=120,
+                         check=False)
+  assert rerun.returncode != 0 and f"{data}:3: malformed JSON" in rerun.stderr

@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 
 from array_record.python import array_record_module
@@ -143,10 +144,19 @@ def work(plan, levels, max_bad_fraction):
     count = 0
     for part, texts_where in prepare_inputs.parts(unit, plan["part_bytes"], plan["part_docs"]):
       count = part + 1
-      if (not prepare_inputs.owner(len(units), levels, u, part)
-          or os.path.exists(shard_path(output_dir, u, part) + ".done")):
+      if not prepare_inputs.owner(len(units), levels, u, part):
         continue
+      marker = shard_path(output_dir, u, part) + ".done"
+      if os.path.exists(marker):  # done by an earlier run: its bad lines still count
+        counts = read_json(marker)
+        bad.add(counts["lines"], counts["empty"], counts["bad"], counts["first"])
+        continue
+      part_start = time.time()
       counts = _write_part(output_dir, u, part, texts_where, tok, bad)
+      print(f"calm-prepare: {os.path.basename(shard_path(output_dir, u, part))}: "
+            f"{counts['documents']} documents, {counts['tokens']} tokens, "
+            f"{counts['tokens'] / max(time.time() - part_start, 1e-9):.0f} tokens/s",
+            file=sys.stderr, flush=True)  # progress, one line per shard
       done["parts"] += 1
       done["documents"] += counts["documents"]
       done["tokens"] += counts["tokens"]
@@ -158,7 +168,7 @@ def work(plan, levels, max_bad_fraction):
 
 def summarize(output_dir, n_units):
   """The sum of every part's done-marker, or None while a part is missing."""
-  total = dict(documents=0, tokens=0, lines=0, empty=0, bad=0, shards=0)
+  total = dict(documents=0, tokens=0, lines=0, empty=0, bad=0, shards=0, first=[])
   for u in range(n_units):
     parts_file = os.path.join(output_dir, f"data-{u:05d}.parts")
     if not os.path.exists(parts_file):
@@ -170,6 +180,7 @@ def summarize(output_dir, n_units):
       counts = read_json(marker)
       for k in ("documents", "tokens", "lines", "empty", "bad"):
         total[k] += counts[k]
+      total["first"] = (total["first"] + counts["first"])[:records.FIRST_BAD]
       total["shards"] += 1
   return total
 
@@ -198,15 +209,19 @@ def prepare(spec, tokenizer_path, output_dir, *, num_workers=1, num_shards=1, sh
                  for w in range(num_workers)]
       results = [f.result() for f in futures]
   run = {k: sum(r[k] for r in results) for k in ("parts", "documents", "tokens")}
-  return finish(spec, plan, output_dir, run, time.time() - start, max(1, num_workers))
+  return finish(spec, plan, output_dir, run, time.time() - start, max(1, num_workers),
+                max_bad_fraction)
 
 
-def finish(spec, plan, output_dir, run, seconds, workers):
+def finish(spec, plan, output_dir, run, seconds, workers, max_bad_fraction):
   """This run's counts + rate; writes prepare.json when every part of every unit is done."""
   run = dict(run, seconds=round(seconds, 2), workers=workers,
              tokens_per_s_per_worker=round(run["tokens"] / max(seconds, 1e-9) / workers))
   total = summarize(output_dir, len(plan["unit_args"]))
-  if total is not None:
+  if total is not None:  # judged over every shard of every machine
+    bad = records.BadRecords(spec, max_bad_fraction)
+    bad.add(total["lines"], total["empty"], total["bad"], total["first"])
+    bad.check(final=True)
     write_json(os.path.join(output_dir, SUMMARY_FILE),
                dict(total, data=spec, tokenizer=plan["tokenizer"], vocab_size=plan["vocab_size"]))
   return dict(run, complete=total is not None, total=total)

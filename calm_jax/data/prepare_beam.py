@@ -57,7 +57,7 @@ def prepare_with_beam(spec, tokenizer_path, output_dir, *, pipeline_flags=(),
          | "Save" >> beam.Map(lambda c: prepare.write_json(counts_path, c)))
   run = prepare.read_json(counts_path)
   os.remove(counts_path)
-  return prepare.finish(spec, plan, output_dir, run, time.time() - start, workers=1)
+  return prepare.finish(spec, plan, output_dir, run, time.time() - start, 1, max_bad_fraction)
 
 
 def _sum_counts(counts):

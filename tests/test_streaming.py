@@ -148,6 +148,7 @@ def test_line_index_is_built_in_parallel_once_and_remade_when_the_file_changes(
     f.write(_jsonl_bytes(["appended"]))
   source = sources.parse_spec(f"jsonl:{path}", max_bad_fraction=0.01)
   assert len(source) == 301 and source[300] == "appended"
+  assert len(sources.parse_spec(f"jsonl:{tmp_path}/*", max_bad_fraction=0.01)) == 301  # no sidecars
 
 
 def _origin(batch, a_ids):

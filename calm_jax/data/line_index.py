@@ -25,6 +25,13 @@ _CHUNK_BYTES = 64 << 20
 _VERSION = 1
 
 
+_SIDECAR = ".calm-index."
+
+
+def is_sidecar(path):
+  return _SIDECAR in os.path.basename(path)
+
+
 def _tag(field):
   if field is None:
     return "lines"
@@ -34,14 +41,14 @@ def _tag(field):
 
 def _sidecar_base(path, field, writable_only=False):
   """FILE.calm-index.TAG beside FILE, or under ~/.cache when FILE's directory is not writable."""
-  base = f"{path}.calm-index.{_tag(field)}"
+  base = f"{path}{_SIDECAR}{_tag(field)}"
   if os.access(os.path.dirname(path) or ".", os.W_OK) or (
       not writable_only and os.path.exists(base + ".json")):
     return base
   cache = os.path.join(os.path.expanduser("~"), ".cache", "calm_jax", "line_index")
   os.makedirs(cache, exist_ok=True)
   digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
-  return os.path.join(cache, f"{os.path.basename(path)}.{digest}.calm-index.{_tag(field)}")
+  return os.path.join(cache, f"{os.path.basename(path)}.{digest}{_SIDECAR}{_tag(field)}")
 
 
 def index_chunk(path, field, start, end):

@@ -70,11 +70,15 @@ def _log_skipped(what, empty, invalid):
 
 
 def expand_glob(scheme, pattern, suffix=""):
-  """Sorted absolute paths matching `pattern` (a directory: its *suffix files)."""
+  """Sorted absolute paths matching `pattern` (a directory: its *suffix files).
+
+  Line-offset index sidecars (line_index.py) beside the data never match.
+  """
   pattern = os.path.expanduser(pattern)
   if suffix and os.path.isdir(pattern):
     pattern = os.path.join(pattern, "*" + suffix)
-  paths = sorted(os.path.abspath(p) for p in glob.glob(pattern) if os.path.isfile(p))
+  paths = sorted(os.path.abspath(p) for p in glob.glob(pattern)
+                 if os.path.isfile(p) and not line_index.is_sidecar(p))
   if not paths:
     raise DataError(
         f"{scheme}:{pattern} matches no files (relative paths resolve against "

@@ -1,7 +1,7 @@
 r"""Data at corpus scale: prepare a generated .jsonl.zst with flat memory, then train on it and resume.
 
   nice -n 10 python benchmarks/data_scale.py [--gb 2] [--workers 2] [--dir /tmp/calm_data_scale] \
-      [--output benchmarks/data_scale_2gb.json] [--train_steps 6]
+      [--output benchmarks/data_scale_2gb.json] [--train_steps 6] [--prepare_timeout S]
 
 1. Generates DIR/corpus_GBgb.jsonl.zst: --gb GB of JSONL (uncompressed; documents of 50-3000
    words of the built-in corpus's vocabulary, drawn from a 64 MB pool, each numbered), written
@@ -13,6 +13,8 @@ r"""Data at corpus scale: prepare a generated .jsonl.zst with flat memory, then 
    peak over the other 90% minus the baseline. Flat memory = the growth does not scale with
    the input. Throughput: tokens / wall seconds / workers (tokens/s per core), and tokens
    per CPU-second of the process tree (what a core of its own gives on a loaded machine).
+   --prepare_timeout S stops it after S seconds and reports the shards done so far (for a
+   machine too loaded to finish).
 4. Streams the .jsonl.zst straight into the training pipeline: takes the state after
    --stream_batches batches, restores it in a new pipeline and checks the next batches are
    identical (and times the restore, which decompresses up to the saved offset).
@@ -49,6 +51,8 @@ def parse_args(argv=None):
   parser.add_argument("--output", default="")
   parser.add_argument("--stream_batches", type=int, default=200)
   parser.add_argument("--train_steps", type=int, default=6, help="0: skip the training check")
+  parser.add_argument("--prepare_timeout", type=float, default=0,
+                      help="stop calm-prepare after this many seconds and report the shards done")
   args = parser.parse_args(argv)
   args.output = args.output or os.path.join(ROOT, "benchmarks", f"data_scale_{args.gb:g}gb.json")
   return args
@@ -82,8 +86,8 @@ def generate(path, gb, seed=0, pool_mb=64):
               pool_mb=pool_mb)
 
 
-def _tree_rss(pid):
-  """Resident bytes of pid and all its descendants (from /proc)."""
+def _tree(pid):
+  """(resident bytes, CPU seconds) of pid and all its live descendants (from /proc)."""
   children = {}
   for entry in os.listdir("/proc"):
     if entry.isdigit():
@@ -93,34 +97,53 @@ def _tree_rss(pid):
         children.setdefault(ppid, []).append(int(entry))
       except (OSError, IndexError, ValueError):
         pass
-  total, todo = 0, [pid]
+  rss, cpu, todo = 0, 0.0, [pid]
   while todo:
     p = todo.pop()
     todo += children.get(p, [])
     try:
       with open(f"/proc/{p}/status") as f:
-        total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
-    except (OSError, StopIteration):
+        rss += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+      with open(f"/proc/{p}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, IndexError, ValueError):
       pass
-  return total
+  return rss, cpu
 
 
-def prepare_with_memory(spec, tokenizer, out_dir, workers):
-  """Runs calm-prepare as a subprocess, sampling its tree's RSS; returns the measurements."""
+def _done_counts(out_dir):
+  shards = tokens = 0
+  for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+    if name.endswith(".done"):
+      with open(os.path.join(out_dir, name)) as f:
+        tokens += json.load(f)["tokens"]
+      shards += 1
+  return shards, tokens
+
+
+def prepare_with_memory(spec, tokenizer, out_dir, workers, timeout=0):
+  """Runs calm-prepare as a subprocess, sampling its tree's RSS and CPU time.
+
+  timeout > 0: stop it after that many seconds and report the shards done so far.
+  """
+  import signal  # pylint: disable=g-import-not-at-top
   cmd = [sys.executable, "-m", "calm_jax.cli.prepare", "--data", spec, "--tokenizer", tokenizer,
          "--output", out_dir, "--num_workers", str(workers)]
-  import resource  # pylint: disable=g-import-not-at-top
-  cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.time()
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  samples = []  # (seconds, rss bytes, shards done)
+                          text=True, start_new_session=True)
+  samples = []  # (seconds, rss bytes, shards done, tree CPU seconds)
 
   def sample():
     while proc.poll() is None:
+      rss, cpu = _tree(proc.pid)
       done = len([n for n in os.listdir(out_dir) if n.endswith(".done")]) if os.path.isdir(
           out_dir) else 0
-      samples.append((time.time() - start, _tree_rss(proc.pid), done))
+      samples.append((time.time() - start, rss, done, cpu))
+      if timeout and time.time() - start > timeout:
+        os.killpg(proc.pid, signal.SIGTERM)
+        return
       time.sleep(0.2)
 
   thread = threading.Thread(target=sample, daemon=True)
@@ -128,23 +151,23 @@ def prepare_with_memory(spec, tokenizer, out_dir, workers):
   output = proc.communicate()[0]
   thread.join()
   seconds = time.time() - start
-  cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-  cpu_seconds = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
-  if proc.returncode:
+  finished = proc.returncode == 0
+  if not finished and not timeout:
     raise RuntimeError(f"calm-prepare failed:\n{output}")
-  with open(os.path.join(out_dir, "prepare.json")) as f:
-    total = json.load(f)
-  early = [r for t, r, _ in samples if t <= 0.1 * seconds] or [samples[0][1]]
-  late = [r for t, r, _ in samples if t > 0.1 * seconds] or early
+  shards, tokens = _done_counts(out_dir)
+  cpu_seconds = max(s[3] for s in samples)  # live processes only: the workers live to the end
+  early = [s[1] for s in samples if s[0] <= 0.1 * seconds] or [samples[0][1]]
+  late = [s[1] for s in samples if s[0] > 0.1 * seconds] or early
   baseline, peak = max(early), max(late)
-  return dict(command=" ".join(cmd), seconds=round(seconds, 1), workers=workers,
-              documents=total["documents"], tokens=total["tokens"], shards=total["shards"],
-              tokens_per_s_per_core=round(total["tokens"] / seconds / workers),
+  return dict(command=" ".join(cmd), finished=finished, seconds=round(seconds, 1),
+              workers=workers, shards_done=shards, tokens=tokens,
+              tokens_per_s_per_core=round(tokens / seconds / workers),
               cpu_seconds=round(cpu_seconds, 1),
-              tokens_per_cpu_second=round(total["tokens"] / max(cpu_seconds, 1e-9)),
+              tokens_per_cpu_second=round(tokens / max(cpu_seconds, 1e-9)),
               rss_baseline_mb=round(baseline / 2**20, 1), rss_peak_mb=round(peak / 2**20, 1),
               rss_growth_mb=round((peak - baseline) / 2**20, 1),
-              rss_samples_mb=[[round(t, 1), round(r / 2**20, 1), d] for t, r, d in samples[::25]],
+              rss_samples_mb=[[round(t, 1), round(r / 2**20, 1), d] for t, r, d, _ in
+                              samples[::25]],
               output_tail=output.strip().splitlines()[-2:])
 
 
@@ -234,10 +257,12 @@ def main(argv=None):
   out_dir = os.path.join(args.dir, f"prepared_{args.gb:g}gb")
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(out_dir, ignore_errors=True)
-  result["prepare"] = prepare_with_memory(f"jsonl:{corpus}", tokenizer, out_dir, args.workers)
-  result["prepare"]["jsonl_mb_per_s_per_core"] = round(
-      result["corpus"]["uncompressed_bytes"] / 1e6 / result["prepare"]["seconds"] / args.workers, 2)
+  result["prepare"] = prepare_with_memory(f"jsonl:{corpus}", tokenizer, out_dir, args.workers,
+                                          args.prepare_timeout)
   bench_lib.write_json(args.output, result)
+  if not result["prepare"]["finished"]:
+    print(f"prepare stopped after {args.prepare_timeout} s: {result['prepare']}")
+    return
   result["stream_resume"] = stream_resume(f"jsonl:{corpus}", tokenizer, args.stream_batches)
   bench_lib.write_json(args.output, result)
   if args.train_steps:
@@ -245,7 +270,7 @@ def main(argv=None):
                                               os.path.join(args.dir, "train"), args.train_steps)
     bench_lib.write_json(args.output, result)
   p = result["prepare"]
-  print(f"prepare: {p['documents']} documents, {p['tokens']} tokens in {p['seconds']} s with "
+  print(f"prepare: {p['shards_done']} shards, {p['tokens']} tokens in {p['seconds']} s with "
         f"{p['workers']} workers: {p['tokens_per_s_per_core']} tokens/s per core "
         f"({p['tokens_per_cpu_second']} per CPU-second); RSS baseline "
         f"{p['rss_baseline_mb']} MB, peak {p['rss_peak_mb']} MB, growth {p['rss_growth_mb']} MB")

@@ -20,6 +20,8 @@ setuptools.setup(
         "sentencepiece>=0.2.3,<0.3",
         "ml-collections>=1.1.0,<2",
         "array-record>=0.8.6,<0.9",
+        "zstandard>=0.22,<1",              # .zst data files (the Pile's jsonl.zst)
+        "pyarrow>=14",                     # parquet: data SPECs
         "numpy>=2.0",
         "absl-py>=2.3",
         "tqdm>=4.66",
@@ -36,6 +38,8 @@ setuptools.setup(
         "wandb": ["wandb>=0.19,<1"],
         # pytorch_model.bin checkpoints (calm-convert reads safetensors without torch).
         "convert": ["torch>=2.4"],
+        # calm-prepare --runner beam (Dataflow, Flink, Spark; tested on the DirectRunner).
+        "beam": ["apache-beam>=2.60,<3"],
     },
     entry_points={
         "console_scripts": [

@@ -16,8 +16,8 @@ EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 RESUMABLE_FIELDS = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.allow_config_change", "train.profile_steps", "checkpoint.every_steps", "checkpoint.keep",
-    "checkpoint.async_save", "data.worker_count", "data.prefetch", "data.eval", "eval",
-    "sampling", "log",
+    "checkpoint.async_save", "data.worker_count", "data.prefetch", "data.eval", "data.max_bad_fraction",
+    "eval", "sampling", "log",
 )
 
 
@@ -76,7 +76,11 @@ _ADDED_FIELDS = (
     ("calm", "model.layer_norm_eps", lambda c: c.model.norm_eps),   # LayerNorms used norm_eps
     ("calm", "model.targets_bf16_embeddings_in_training", False),
     ("calm", "autoencoder.digest", ""),
+    # data.skip_bad_records=True skipped any number of bad lines (dropped on load, below).
+    (None, "data.max_bad_fraction", lambda c: 1.0 if c.data.get("skip_bad_records") else 0.001),
 )
+# Fields that were replaced; a saved config's value is read by _ADDED_FIELDS, then dropped.
+_REMOVED_FIELDS = ("data.skip_bad_records",)
 
 
 def _add_missing_fields(config):
@@ -91,6 +95,10 @@ def _add_missing_fields(config):
         break
     if node is not None and leaf not in node:
       node[leaf] = value(config) if callable(value) else value
+  for name in _REMOVED_FIELDS:
+    section, leaf = name.split(".")
+    if section in config and leaf in config[section]:
+      del config[section][leaf]
   return config
 
 

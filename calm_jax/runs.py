@@ -139,7 +139,7 @@ def resolve_tokenizer(config, workdir, is_primary, wait_for_primary, ae_config=N
       logging.info("Training a %d-piece tokenizer on %s into %s",
                    config.data.vocab_size, config.data.train, path)
       tokenizer_lib.train_tokenizer(
-          sources.iter_texts(config.data.train, skip_bad_records=config.data.skip_bad_records),
+          sources.iter_texts(config.data.train, config.data.max_bad_fraction),
           vocab_size=config.data.vocab_size, output_path=path,
           model_type=config.data.tokenizer_type, max_chars=config.data.tokenizer_max_chars)
     wait_for_primary("tokenizer")

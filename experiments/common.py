@@ -96,7 +96,8 @@ def data_config():
                                         # and AR scripts do not: recipe=paper sets False)
       pad_in_loss=False,                # chunk_aligned padding carries loss (mask 1), as in the
                                         # reference autoencoder's group_texts (recipe=paper)
-      skip_bad_records=False,           # skip malformed JSONL lines with a warning
+      max_bad_fraction=0.001,           # bad lines (invalid JSON, missing field, not UTF-8) are
+                                        # skipped and counted; more than this fraction fails
       worker_count=0,                   # grain worker processes (0: in-process)
       prefetch=2,                       # batches prefetched per process
       tokenizer_max_chars=5_000_000,    # characters sampled to train a tokenizer

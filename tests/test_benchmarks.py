@@ -4,6 +4,7 @@ import os
 import pytest
 
 from benchmarks import bench_lib
+from benchmarks import data_scale
 from benchmarks import quality
 from benchmarks import throughput
 
@@ -74,3 +75,15 @@ def test_format_table():
   lines = text.splitlines()
   assert len(lines) == 4 and len({len(line) for line in lines}) == 1
   assert bench_lib.fmt(None) == "-" and bench_lib.fmt(1234567, ",") == "1,234,567"
+
+
+def test_data_scale_defaults_and_a_tiny_corpus(tmp_path):
+  args = data_scale.parse_args([])
+  assert args.gb == 2 and args.dir.startswith("/tmp") and args.prepare_timeout == 0
+  assert args.output.endswith(os.path.join("benchmarks", "data_scale_2gb.json"))
+  path = tmp_path / "c.jsonl.zst"
+  made = data_scale.generate(str(path), gb=0.0002, pool_mb=0.05)
+  from calm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  texts = list(sources.parse_spec(f"jsonl:{path}").texts())
+  assert len(texts) == made["documents"] and made["uncompressed_bytes"] >= 200_000
+  assert texts[0].split()[0] == "0" and texts[-1].split()[0] == str(len(texts) - 1)

@@ -107,8 +107,11 @@ def test_fields_added_since_a_run_was_saved_are_filled_with_what_it_computed(tmp
                          ("autoencoder", "digest")):
     del old[section][field]
   del old["init_from"]
+  del old["data"]["max_bad_fraction"]
+  old["data"]["skip_bad_records"] = False  # replaced by data.max_bad_fraction
   (tmp_path / "config.json").write_text(json.dumps(old))
   loaded = config_lib.load_config(str(tmp_path))
+  assert loaded.data.max_bad_fraction == 0.001 and "skip_bad_records" not in loaded.data
   assert loaded.model.layer_norm_eps == 1e-5           # its LayerNorms used model.norm_eps
   assert not loaded.model.targets_bf16_embeddings_in_training
   assert loaded.data.document_eos and not loaded.data.pad_in_loss
@@ -117,3 +120,6 @@ def test_fields_added_since_a_run_was_saved_are_filled_with_what_it_computed(tmp
   assert config_lib.config_changes(loaded, config) == [("model.layer_norm_eps", 1e-5, 1e-6)]
   config.model.layer_norm_eps = 1e-5
   assert not config_lib.config_changes(loaded, config)
+  old["data"]["skip_bad_records"] = True  # skipped any number of bad lines
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert config_lib.load_config(str(tmp_path)).data.max_bad_fraction == 1.0

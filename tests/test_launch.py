@@ -25,7 +25,9 @@ SCRIPT_VARS = (
     "SETUP_CMD", "SPOT", "SKIP_INSTALL", "RUN_NAME", "CLUSTER", "WORKLOAD", "TPU_TYPE",
     "NUM_SLICES", "DOCKER_IMAGE", "BASE_IMAGE", "EXTRA_XPK_ARGS", "XPK", "SLURM_JOB_ID",
     "SLURM_JOB_NUM_NODES", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_PER_NODE", "CALM_VENV",
-    "CALM_DIR", "CALM_TRAIN", "XLA_FLAGS", "NCCL_DEBUG", "COORDINATOR_PORT", "DETACH")
+    "CALM_DIR", "CALM_TRAIN", "XLA_FLAGS", "NCCL_DEBUG", "COORDINATOR_PORT", "DETACH",
+    "DEVICE_TYPE", "NUM_SHARDS", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_CPUS_PER_TASK", "CALM_PREPARE", "MAX_RESTARTS", "PRIORITY")
 TPU_VARS = dict(TPU_NAME="calm-m", ZONE="us-east5-a", PROJECT="my-project",
                 ACCELERATOR_TYPE="v5p-64", RUNTIME_VERSION="v2-alpha-tpuv5")
 XPK_VARS = dict(CLUSTER="calm-cluster", WORKLOAD="calm-m-2x64", TPU_TYPE="v5p-64", NUM_SLICES="2",
@@ -431,3 +433,51 @@ def test_slurm_refuses_outside_a_job_and_runs_srun_inside(tmp_path):
   assert call.endswith("calm-train --config c.py --workdir " + str(tmp_path / "w") +
                        " --distributed=on --config.x=1")
   assert (tmp_path / "w" / "logs").is_dir()
+
+
+# -- calm-prepare across machines: launch/prepare_slurm.sbatch, launch/prepare_xpk.sh ----------
+
+PREPARE_XPK_VARS = dict(CLUSTER="calm-cpu", WORKLOAD="pile-prepare", DEVICE_TYPE="n2-standard-32-4",
+                        NUM_SHARDS="4", PROJECT="my-project", ZONE="us-east5-a",
+                        DOCKER_IMAGE="calm:latest")
+
+
+@pytest.mark.parametrize("name", ("prepare_slurm.sbatch", "prepare_xpk.sh"))
+def test_prepare_scripts_parse_document_an_example_and_refuse_missing_arguments(name):
+  assert subprocess.run(["bash", "-n", str(LAUNCH / name)], check=False).returncode == 0
+  r = _script(name, "--help")
+  assert r.returncode == 0 and "example" in r.stdout.lower() and "--dry-run" in r.stdout
+  r = _script(name, "--dry-run", "jsonl:x", env=_env(PREPARE_XPK_VARS))
+  assert r.returncode != 0 and "SPEC TOKENIZER OUTPUT" in r.stderr
+
+
+def test_prepare_slurm_array_task_runs_its_shard(tmp_path):
+  r = _script("prepare_slurm.sbatch", "--dry-run", "jsonl:/d/*.jsonl.zst", "/t.model", "/out",
+              "--part_mb", "32")
+  assert r.returncode == 0, r.stderr
+  assert ("+ calm-prepare --data 'jsonl:/d/*.jsonl.zst' --tokenizer /t.model --output /out "
+          "--num_shards 16 --shard_index 0 --num_workers 32 --part_mb 32") in r.stdout
+  r = _script("prepare_slurm.sbatch", "jsonl:x", "/t", "/o")
+  assert r.returncode != 0 and "SLURM_ARRAY_TASK_ID is not set" in r.stderr
+  bin_dir = _stubs(tmp_path, "calm-prepare")
+  r = _script("prepare_slurm.sbatch", "jsonl:x", "/t", "/o", env=_env(
+      dict(SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_COUNT="4", SLURM_CPUS_PER_TASK="3"),
+      bin_dir))
+  assert r.returncode == 0, r.stderr
+  assert _calls(tmp_path) == ["calm-prepare --data jsonl:x --tokenizer /t --output /o "
+                              "--num_shards 4 --shard_index 2 --num_workers 3"]
+
+
+def test_prepare_xpk_dry_run_prints_one_shard_per_node(tmp_path):
+  bin_dir = _stubs(tmp_path, "xpk")
+  r = _script("prepare_xpk.sh", "--dry-run", "jsonl:/d/*.zst", "/t", "/o", "--part_mb", "8",
+              env=_env(PREPARE_XPK_VARS, bin_dir))
+  assert r.returncode == 0, r.stderr
+  line = next(l for l in r.stdout.splitlines() if l.startswith("+ xpk workload create"))
+  for part in ("--cluster=calm-cpu", "--device-type=n2-standard-32-4", "--num-nodes=4",
+               "--docker-image=calm:latest", "--max-restarts=2",
+               "--num_shards 4 --shard_index \"$JOB_COMPLETION_INDEX\" --part_mb 8"):
+    assert part in line
+  assert _calls(tmp_path) == []
+  r = _script("prepare_xpk.sh", "--dry-run", "jsonl:x", "/t", "/o", env=_env({"CLUSTER": "c"}))
+  assert r.returncode != 0 and "DEVICE_TYPE, NUM_SHARDS" in r.stderr

@@ -31,18 +31,25 @@ def test_calm_prepare_summary(tmp_path, tiny_tokenizer_path, capsys):
   data.write_text("".join(json.dumps({"text": f"doc {i} " * 20}) + "\n" for i in range(10)))
   out_dir = tmp_path / "D"
   prepare.run(["--data", f"jsonl:{data}", "--tokenizer", tiny_tokenizer_path,
-               "--output", str(out_dir), "--num_shards", "2"])
+               "--output", str(out_dir), "--num_workers", "1", "--part_mb", "0.0005"])
   out = capsys.readouterr().out
-  assert "calm-prepare: 10 documents," in out and "2 shards" in out
+  assert "calm-prepare: wrote 3 shards here (10 documents," in out
+  assert "complete: 10 documents" in out and "3 shards, 0 bad lines" in out
   assert len(sources.parse_spec(f"arrayrecord:{out_dir}")) == 10
-  # A rerun with fewer shards replaces the old ones instead of mixing them in.
+  # A rerun resumes: every shard is done, nothing is written again.
   prepare.run(["--data", f"jsonl:{data}", "--tokenizer", tiny_tokenizer_path,
-               "--output", str(out_dir), "--num_shards", "1"])
+               "--output", str(out_dir), "--num_workers", "1", "--part_mb", "0.0005"])
+  assert "wrote 0 shards here" in capsys.readouterr().out
   assert len(sources.parse_spec(f"arrayrecord:{out_dir}")) == 10
+  # Another SPEC into the same directory would mix two corpora: refused.
+  with pytest.raises(SystemExit):
+    prepare.run(["--data", "builtin:python_docs:valid", "--tokenizer", tiny_tokenizer_path,
+                 "--output", str(out_dir)])
+  assert "holds shards of another prepare" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("data, message", [
-    ("parquet:x", "Unknown data SPEC 'parquet:x'"),
+    ("csv:x", "Unknown data SPEC 'csv:x'"),
     ("jsonl:/nonexistent/*.jsonl", "/nonexistent/*.jsonl matches no files"),
 ])
 def test_calm_prepare_bad_spec_exits_with_one_line(data, message, tiny_tokenizer_path, tmp_path,
@@ -60,10 +67,15 @@ def test_calm_prepare_malformed_jsonl_subprocess(tmp_path, tiny_tokenizer_path):
   data.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   result = subprocess.run(
-      [sys.executable, "-m", "calm_jax.cli.prepare", "--data", f"jsonl:{data}",
+      [sys.executable, "-m", "calm_jax.cli.prepare", "--data", f"jsonl:{data}", "--num_workers", "1",
        "--tokenizer", tiny_tokenizer_path, "--output", str(tmp_path / "D")],
       capture_output=True, text=True, env=env, timeout=120, check=False)
   assert result.returncode != 0
   assert "Traceback" not in result.stderr + result.stdout
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and f"{data}:3: malformed JSON" in lines[0]
+  lines = result.stderr.strip().splitlines()  # progress lines, then one error line
+  errors = [line for line in lines if "error:" in line]
+  assert errors == lines[-1:] and f"{data}:3: malformed JSON" in errors[0]
+  # The shard written before the unit was judged is done, but a rerun judges it again.
+  rerun = subprocess.run(result.args, capture_output=True, text=True, env=env, timeout=120,
+                         check=False)
+  assert rerun.returncode != 0 and f"{data}:3: malformed JSON" in rerun.stderr

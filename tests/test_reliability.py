@@ -383,7 +383,7 @@ def bad_runs(tokenizer_path, tmp_path_factory):
       "unreadable_data": ar(data__train=f"arrayrecord:{garbage}"),
       "malformed_data": ar(data__train=f"jsonl:{root}/broken.jsonl"),
       "missing_eval_data": ar(data__eval=f"text:{root}/no_eval/*.txt", train__eval_every=1),
-      "wrong_spec": ar(data__train="parquet:/data/*.parquet"),
+      "wrong_spec": ar(data__train="csv:/data/*.csv"),
       "vocab_mismatch": ar(data__vocab_size=1024, model__vocab_size=1024),
       "missing_tokenizer": ar(data__tokenizer=f"{root}/no.model"),
       "missing_autoencoder": calm(root / "no_autoencoder"),
@@ -430,7 +430,7 @@ def test_missing_eval_data_fails_before_training(bad_runs):
 
 
 def test_wrong_spec(bad_runs):
-  _assert_one_line_error(bad_runs["wrong_spec"], "parquet:/data/*.parquet", "Unknown data SPEC")
+  _assert_one_line_error(bad_runs["wrong_spec"], "csv:/data/*.csv", "Unknown data SPEC")
 
 
 def test_tokenizer_model_vocab_mismatch(bad_runs):

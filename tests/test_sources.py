@@ -40,10 +40,12 @@ def test_jsonl_glob_field_and_skipped_documents(tmp_path, monkeypatch, caplog):
   (tmp_path / "b.jsonl").write_bytes(
       b'{"text": "third", "body": "B"}\n\n{"text": "bad \xff utf8"}\n{"text": "\\ud800"}\n')
   monkeypatch.chdir(tmp_path)  # relative globs resolve against the current directory
+  with pytest.raises(sources.DataError, match="b.jsonl:3: not valid UTF-8; 2 of 7 lines"):
+    sources.parse_spec("jsonl:*.jsonl")  # non-UTF-8 lines are bad lines
   with caplog.at_level(logging.WARNING):
-    source = sources.parse_spec("jsonl:*.jsonl")
+    source = sources.parse_spec("jsonl:*.jsonl", max_bad_fraction=0.3)
   assert _all(source) == ["first", "second", "third"]
-  assert "skipped 1 empty and 2 non-UTF-8" in caplog.text
+  assert "skipped 2 empty and 2 bad lines of 7" in caplog.text
   _write_jsonl(tmp_path / "c.json", [{"body": "other field"}])
   assert _all(sources.parse_spec("jsonl:c.json#body")) == ["other field"]
 
@@ -54,9 +56,10 @@ def test_jsonl_malformed_line_names_file_and_line(tmp_path, caplog):
   with pytest.raises(sources.DataError, match=f"{path}:2: malformed JSON"):
     sources.parse_spec(f"jsonl:{path}")
   with caplog.at_level(logging.WARNING):
-    source = sources.parse_spec(f"jsonl:{path}", skip_bad_records=True)
+    source = sources.parse_spec(f"jsonl:{path}", max_bad_fraction=0.5)
   assert _all(source) == ["ok", "fine"]
-  assert f"{path}:3" in caplog.text and "skipped 2 malformed lines" in caplog.text
+  assert f"{path}:3: expected a JSON object with a string field 'text'" in caplog.text
+  assert "skipped 0 empty and 2 bad lines of 4" in caplog.text
 
 
 def test_text_one_document_per_file(tmp_path):
@@ -107,8 +110,8 @@ def test_arrayrecord_via_prepare_and_mixture(tmp_path, tiny_tokenizer, tiny_toke
   docs = [f"Document number {i}: " + "spam " * i for i in range(1, 8)]
   _write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs])
   summary = prepare.prepare(f"jsonl:{tmp_path}/c.jsonl", tiny_tokenizer_path,
-                            str(tmp_path / "out"), num_shards=3, progress=False)
-  assert summary["documents"] == 7 and summary["shards"] == 3
+                            str(tmp_path / "out"), part_bytes=100)
+  assert summary["documents"] == 7 and summary["total"]["shards"] == 3
   expected = [tiny_tokenizer.encode(d) for d in docs]
   assert summary["tokens"] == sum(len(e) for e in expected)
   for spec in (f"arrayrecord:{tmp_path}/out", f"arrayrecord:{tmp_path}/out/*.array_record"):
@@ -131,8 +134,8 @@ def test_iter_texts_is_a_seeded_permutation(tmp_path):
 
 
 def test_spec_errors(tmp_path):
-  with pytest.raises(sources.DataError, match="builtin:, jsonl:, text:, tfds:, arrayrecord:"):
-    sources.parse_spec("parquet:/data/*.parquet")
+  with pytest.raises(sources.DataError, match="builtin:, jsonl:, lines:, text:, parquet:, tfds:"):
+    sources.parse_spec("csv:/data/*.csv")
   with pytest.raises(sources.DataError, match="nothing_here/\\*.jsonl matches no files"):
     sources.parse_spec(f"jsonl:{tmp_path}/nothing_here/*.jsonl")
   with pytest.raises(sources.DataError, match="builtin:python_docs"):

@@ -1,14 +1,17 @@
-"""calm-prepare: tokenize a corpus into ArrayRecord shards for fast random access.
+"""calm-prepare: tokenize a corpus into ArrayRecord shards, in parallel, resumable, split across machines.
 
-  calm-prepare --data SPEC --tokenizer PATH.model --output DIR [--num_shards N]
+  calm-prepare --data SPEC --tokenizer PATH.model --output DIR [--num_workers W]
+               [--num_shards N --shard_index I] [--runner local|beam]
 
-The shards and DIR/prepare.json are described in calm_jax/data/prepare.py. Train on them
-with --config.data.train=arrayrecord:DIR.
+The shards, their done-markers and DIR/prepare.json are described in calm_jax/data/prepare.py.
+Rerun the same command after a kill: it resumes. Train on the shards with
+--config.data.train=arrayrecord:DIR.
 """
 import argparse
 import os
 import sys
 
+from calm_jax.cli import tokenizer as cli_tokenizer
 from calm_jax.data import prepare
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
@@ -20,24 +23,54 @@ def _parse_args(argv):
   parser.add_argument("--tokenizer", required=True,
                       help="SentencePiece .model, tokenizer.json or a directory with one")
   parser.add_argument("--output", required=True, help="output directory for the shards")
-  parser.add_argument("--num_shards", type=int, default=4, help="number of ArrayRecord files")
-  parser.add_argument("--skip_bad_records", action="store_true",
-                      help="skip malformed JSONL lines with a warning instead of failing")
+  parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
+                      help="local tokenizer processes (default: all cores)")
+  parser.add_argument("--num_shards", type=int, default=1,
+                      help="split the work into N shards, one per machine or array task")
+  parser.add_argument("--shard_index", type=int, default=None,
+                      help="do only shard I of --num_shards (default: all of them here)")
+  parser.add_argument("--part_mb", type=float, default=prepare.PART_BYTES / 2**20,
+                      help="uncompressed MiB of a line file per output shard file")
+  parser.add_argument("--part_docs", type=int, default=prepare.PART_DOCS,
+                      help="documents of a random-access source (builtin:, text:, tfds:) per shard")
+  parser.add_argument("--runner", choices=("local", "beam"), default="local",
+                      help="'beam': an Apache Beam pipeline (pip install -e '.[beam]'); pass "
+                      "Beam's own flags (--runner_flags='--runner=DataflowRunner ...')")
+  parser.add_argument("--runner_flags", default="", help="flags for the Beam pipeline")
+  cli_tokenizer.add_bad_line_flags(parser)
   return parser.parse_args(argv)
+
+
+def _prepare(args):
+  kw = dict(max_bad_fraction=cli_tokenizer.max_bad_fraction(args),
+            part_bytes=int(args.part_mb * 2**20), part_docs=args.part_docs)
+  if args.runner == "beam":
+    from calm_jax.data import prepare_beam  # pylint: disable=g-import-not-at-top
+    return prepare_beam.prepare_with_beam(args.data, args.tokenizer, args.output,
+                                pipeline_flags=args.runner_flags.split(), **kw)
+  return prepare.prepare(args.data, args.tokenizer, args.output, num_workers=args.num_workers,
+                         num_shards=args.num_shards, shard_index=args.shard_index, **kw)
 
 
 def run(argv=None):
   """Console entry point; bad input exits 1 with a one-line message, no traceback."""
   args = _parse_args(argv)
   try:
-    summary = prepare.prepare(args.data, args.tokenizer, args.output, args.num_shards,
-                              args.skip_bad_records)
+    summary = _prepare(args)
   except (sources.DataError, tokenizer_lib.TokenizerError, OSError) as e:
     print(f"calm-prepare: error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(f"calm-prepare: {summary['documents']} documents, {summary['tokens']} tokens, "
-        f"{summary['shards']} shards in {args.output} ({summary['seconds']} s); "
-        f"train with --config.data.train=arrayrecord:{os.path.abspath(args.output)}")
+  print(f"calm-prepare: wrote {summary['parts']} shards here ({summary['documents']} documents, "
+        f"{summary['tokens']} tokens) in {summary['seconds']} s, "
+        f"{summary['tokens_per_s_per_worker']} tokens/s per worker x {summary['workers']}.")
+  total = summary["total"]
+  if total is None:
+    print(f"calm-prepare: {args.output} is not complete yet: the other shards "
+          "(--shard_index) still have parts to write.")
+  else:
+    print(f"calm-prepare: {args.output} complete: {total['documents']} documents, "
+          f"{total['tokens']} tokens, {total['shards']} shards, {total['bad']} bad lines "
+          f"skipped; train with --config.data.train=arrayrecord:{os.path.abspath(args.output)}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,20 @@ class _Counter:
       yield text
 
 
+def add_bad_line_flags(parser):
+  """--max_bad_fraction and --skip_bad_records (calm-tokenizer, calm-prepare)."""
+  parser.add_argument("--max_bad_fraction", type=float,
+                      default=common.data_config().max_bad_fraction,
+                      help="bad lines (invalid JSON, missing field, not UTF-8) are skipped and "
+                      "counted; fail above this fraction (default: config.data.max_bad_fraction)")
+  parser.add_argument("--skip_bad_records", action="store_true",
+                      help="skip any number of bad lines (--max_bad_fraction 1)")
+
+
+def max_bad_fraction(args):
+  return 1.0 if args.skip_bad_records else args.max_bad_fraction
+
+
 def _parse_args(argv):
   parser = argparse.ArgumentParser(prog="calm-tokenizer", description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="data SPEC to train on (see README)")
@@ -39,8 +53,7 @@ def _parse_args(argv):
   parser.add_argument("--max_chars", type=int, default=common.data_config().tokenizer_max_chars,
                       help="characters sampled from the data for training (default: "
                       "config.data.tokenizer_max_chars of experiments/common.py)")
-  parser.add_argument("--skip_bad_records", action="store_true",
-                      help="skip malformed JSONL lines with a warning instead of failing")
+  add_bad_line_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -49,11 +62,11 @@ def run(argv=None):
   args = _parse_args(argv)
   start = time.time()
   try:
-    texts = _Counter(sources.iter_texts(args.data, args.skip_bad_records))
+    texts = _Counter(sources.iter_texts(args.data, max_bad_fraction(args)))
     tok = tokenizer_lib.train_tokenizer(texts, args.vocab_size, args.output,
                                         args.model_type, args.max_chars)
     sample = list(itertools.islice(
-        sources.iter_texts(args.data, args.skip_bad_records), _SUMMARY_DOCS))
+        sources.iter_texts(args.data, max_bad_fraction(args)), _SUMMARY_DOCS))
   except (sources.DataError, tokenizer_lib.TokenizerError, OSError) as e:
     print(f"calm-tokenizer: error: {e}", file=sys.stderr)
     sys.exit(1)

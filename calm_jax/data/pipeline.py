@@ -2,7 +2,13 @@
 
   source --(train: shuffle per epoch, repeat forever)--> this process's slice
   (documents i with i % process_count == process_index) --> tokenize + EOS
-  --> pack into blocks of seq_len --> batch --> prefetch
+  --> pack into blocks of seq_len [--> weighted mix of the components' blocks]
+  --> batch --> prefetch
+
+Random-access sources are shuffled globally (grain MapDataset); streaming sources (.gz/.zst
+line files, Parquet: streams.StreamDataset) shuffle their file order per epoch. A weighted
+mixture (SPEC@w,...) packs every component on its own and mixes the packed rows with
+grain's IterDataset.mix, whose state holds every component's state.
 
 Packing (both keep every token exactly once, in order):
   'concat'         documents, each followed by EOS, are concatenated and cut into
@@ -29,6 +35,7 @@ import numpy as np
 
 from calm_jax import errors
 from calm_jax.data import sources
+from calm_jax.data import streams
 from calm_jax.data import tokenizer as tokenizer_lib
 
 PACKINGS = ("concat", "chunk_aligned")
@@ -87,10 +94,62 @@ class _PadRows(grain.transforms.Map):
     return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()}
 
 
+class _JsonSafePacking(grain.IterDataset):
+  """ConcatThenSplitIterDataset whose state survives JSON (as orbax stores it): grain 0.2.18
+  compares the restored remainder slices with the tuple (-1, -1), so a JSON list [-1, -1]
+  (no remainder) reads as a remainder and the restored iterator skips a document."""
+
+  def __iter__(self):
+    return _JsonSafePackingIterator(self._parent.__iter__())
+
+
+class _JsonSafePackingIterator(grain.DatasetIterator):
+  """Passes everything through; set_state turns the remainder slices back into tuples."""
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+    self._parent.set_state(dict(state, remainder_slices=slices))
+
+
+def _streams(source):
+  parts = source.sources if isinstance(source, sources.WeightedMixture) else (source,)
+  return any(sources.is_stream(s) for s in parts)
+
+
+def _packed(source, example, seq_len, name, *, shuffle, seed, repeat, process_index, process_count):
+  """One source -> an IterDataset of this process's packed rows {'tokens', 'mask'}: int32[seq_len]."""
+  if sources.is_stream(source):
+    ds = streams.StreamDataset(source, shuffle=shuffle, seed=seed, repeat=repeat,
+                               process_index=process_index, process_count=process_count)
+    ds = ds.filter(_is_nonempty).map(example)
+  else:
+    if len(source) == 0:
+      raise sources.DataError(f"The data SPEC {name!r} has no documents.")
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    if repeat:
+      ds = ds.repeat()  # reseeds the shuffle every epoch
+    ds = ds[process_index::process_count]
+    ds = ds.filter(_is_nonempty)
+    ds = ds.map(example)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
+                                              prefetch_buffer_size=_READ_BUFFER))
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={"tokens": seq_len, "mask": seq_len})
+  return _JsonSafePacking(ds).map(_DropPackingInfo())
+
+
 def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
                  chunk_size=1, document_eos=True, pad_in_loss=False, shuffle=False, seed=0,
                  repeat=False,
-                 process_index=0, process_count=1, skip_bad_records=False,
+                 process_index=0, process_count=1, max_bad_fraction=0.0,
                  worker_count=0, prefetch=0):
   """A grain IterDataset of per-process batches {'tokens', 'mask'}: int32[batch_size, seq_len].
 
@@ -109,7 +168,7 @@ def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
     repeat: repeat forever (training); else one pass with padded tail (eval).
     process_index, process_count: this process reads documents
       process_index, process_index + process_count, ... of the (shuffled) stream.
-    skip_bad_records: skip malformed JSONL lines with a warning instead of failing.
+    max_bad_fraction: the fraction of bad lines (records.py) skipped before failing.
     worker_count: grain worker processes (0 = in this process).
     prefetch: batches prefetched by a background thread (when worker_count == 0).
   """
@@ -119,24 +178,21 @@ def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
     raise ValueError(f"seq_len={seq_len} is not a multiple of the chunk size K={chunk_size}.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-  source = sources.parse_spec(spec, skip_bad_records) if isinstance(spec, str) else spec
-  if len(source) == 0:
-    raise sources.DataError(f"The data SPEC {spec!r} has no documents.")
-
-  ds = grain.MapDataset.source(source)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if repeat:
-    ds = ds.repeat()  # reseeds the shuffle every epoch
-  ds = ds[process_index::process_count]
-  ds = ds.filter(_is_nonempty)
-  ds = ds.map(_ToExample(tokenizer, chunk_size if packing == "chunk_aligned" else 1,
-                         document_eos, pad_in_loss))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
-                                            prefetch_buffer_size=_READ_BUFFER))
-  ds = grain.experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={"tokens": seq_len, "mask": seq_len})
-  ds = ds.map(_DropPackingInfo())
+  source = sources.parse_spec(spec, max_bad_fraction) if isinstance(spec, str) else spec
+  order = dict(shuffle=shuffle, repeat=repeat, process_index=process_index,
+               process_count=process_count)
+  example = _ToExample(tokenizer, chunk_size if packing == "chunk_aligned" else 1,
+                       document_eos, pad_in_loss)
+  if isinstance(source, sources.WeightedMixture):
+    ds = grain.IterDataset.mix(
+        [_packed(s, example, seq_len, spec, seed=seed + i, **order)
+         for i, s in enumerate(source.sources)], list(source.weights))
+  else:
+    ds = _packed(source, example, seq_len, spec, seed=seed, **order)
+  if worker_count > 0 and _streams(source):
+    raise sources.DataError(
+        f"config.data.worker_count={worker_count}: streaming sources (.gz/.zst, parquet) are "
+        "read in this process; set config.data.worker_count=0 (or calm-prepare them).")
   ds = ds.batch(batch_size, drop_remainder=False)
   if not repeat:
     ds = ds.map(_PadRows(batch_size))
@@ -178,7 +234,7 @@ def make_iterator(config, tokenizer, split="train", process_index=None, process_
       document_eos=config.data.document_eos, pad_in_loss=config.data.pad_in_loss,
       shuffle=training, seed=config.train.seed, repeat=training,
       process_index=process_index, process_count=process_count,
-      skip_bad_records=config.data.skip_bad_records,
+      max_bad_fraction=config.data.max_bad_fraction,
       worker_count=config.data.worker_count, prefetch=config.data.prefetch)
   return iter(ds)
 

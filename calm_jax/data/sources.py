@@ -1,10 +1,14 @@
-"""Data SPEC strings -> random-access document sources (len + getitem).
+"""Data SPEC strings -> document sources: random access (len + getitem) or streaming.
 
 A SPEC names one corpus; several SPECs joined with ',' form a mixture:
 
   builtin:python_docs[:train|valid|all]   the built-in corpus (default split: train)
-  jsonl:GLOB[#field]                      one JSON object per line, text in `field` (default 'text')
-  text:GLOB                               one document per file (UTF-8)
+  jsonl:GLOB[#field]                      one JSON object per line, text in `field` (default
+                                          'text'); plain, .gz or .zst
+  lines:GLOB                              one document per line of plain text; plain, .gz or .zst
+  text:GLOB                               one document per file (UTF-8; plain, .gz or .zst)
+  parquet:GLOB[#column]                   Parquet files, text in `column` (default 'text'), read
+                                          row group by row group
   tfds:NAME[/CONFIG][:VERSION]:SPLIT[#field]
                                           a prepared TFDS dataset (array_record format) read
                                           through tfds.data_source; data_dir = $TFDS_DATA_DIR
@@ -12,35 +16,42 @@ A SPEC names one corpus; several SPECs joined with ',' form a mixture:
   arrayrecord:GLOB                        calm-prepare output: token ids (a directory means
                                           DIR/*.array_record)
 
-Text sources yield `str` documents; arrayrecord yields int32 token-id arrays.
-A mixture is the concatenation of its components: every document of every
-component appears once per epoch, so each component's share is its size (the
-pipeline shuffles the whole). Relative globs resolve against the current
-directory. Empty documents and documents that are not valid UTF-8 are skipped
-and counted in the log.
+Uncompressed jsonl/lines files are read through a line-offset index (line_index.py: a
+sidecar file made once) and give random access, like builtin, text, tfds and arrayrecord;
+.gz/.zst line files and Parquet are streamed in order (streams.py). Text sources yield
+`str` documents; arrayrecord yields int32 token-id arrays.
+
+Mixtures: 'A,B' without weights is the concatenation of random-access sources (every
+document once per epoch, each component's share is its size; the pipeline shuffles the
+whole). 'A@0.7,B@0.3' gives every component a weight: the pipeline packs each component on
+its own and mixes the packed sequences in these proportions (grain's mix: deterministic and
+resumable); streaming sources can only be mixed with weights. Relative globs resolve
+against the current directory. A bad line (invalid JSON, a missing field, not UTF-8) is
+skipped and counted; more than max_bad_fraction of bad lines fails (records.py).
 """
 import bisect
+import dataclasses
 import glob
-import json
 import logging
 import mmap
 import os
+import re
 
 import numpy as np
 
-from calm_jax import errors
 from calm_jax.data import builtin
+from calm_jax.data import line_index
+from calm_jax.data import records
+from calm_jax.data import streams
 
-SCHEMES = ("builtin", "jsonl", "text", "tfds", "arrayrecord")
+SCHEMES = ("builtin", "jsonl", "lines", "text", "parquet", "tfds", "arrayrecord")
 # ArrayRecord record encoding (written by prepare.py, read here): the token ids
 # of one document as little-endian int32 bytes, no header.
 TOKEN_DTYPE = np.dtype("<i4")
 ARRAYRECORD_SUFFIX = ".array_record"
 _MAX_WARNINGS = 10  # per source, for skipped records
-
-
-class DataError(errors.UserError, ValueError):
-  """A data SPEC is invalid or names data that is missing or malformed."""
+DataError = records.DataError
+_WEIGHT = re.compile(r"^(.*)@\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$", re.S)
 
 
 def encode_tokens(ids):
@@ -53,28 +64,21 @@ def decode_tokens(record):
   return np.frombuffer(record, dtype=TOKEN_DTYPE).astype(np.int32, copy=False)
 
 
-def _valid_text(data):
-  """bytes -> str, or None if not valid UTF-8 (str input: None if it holds lone surrogates)."""
-  try:
-    if isinstance(data, bytes):
-      return data.decode("utf-8")
-    data.encode("utf-8")
-    return data
-  except UnicodeError:
-    return None
-
-
 def _log_skipped(what, empty, invalid):
   if empty or invalid:
     logging.warning("%s: skipped %d empty and %d non-UTF-8 documents.", what, empty, invalid)
 
 
-def _expand_glob(scheme, pattern, suffix=""):
-  """Sorted absolute paths matching `pattern` (a directory: its *suffix files)."""
+def expand_glob(scheme, pattern, suffix=""):
+  """Sorted absolute paths matching `pattern` (a directory: its *suffix files).
+
+  Line-offset index sidecars (line_index.py) beside the data never match.
+  """
   pattern = os.path.expanduser(pattern)
   if suffix and os.path.isdir(pattern):
     pattern = os.path.join(pattern, "*" + suffix)
-  paths = sorted(os.path.abspath(p) for p in glob.glob(pattern) if os.path.isfile(p))
+  paths = sorted(os.path.abspath(p) for p in glob.glob(pattern)
+                 if os.path.isfile(p) and not line_index.is_sidecar(p))
   if not paths:
     raise DataError(
         f"{scheme}:{pattern} matches no files (relative paths resolve against "
@@ -95,78 +99,43 @@ class BuiltinSource:
     return self._docs[index][1]
 
 
-class JsonlSource:
-  """Documents of JSONL files; indexed once (byte offsets), lines parsed on access."""
+class LinesSource:
+  """Documents of uncompressed line files (jsonl: field of a JSON object; lines: the line),
+  random access through each file's line-offset index (line_index.py)."""
 
-  def __init__(self, paths, field, skip_bad_records):
+  def __init__(self, scheme, paths, field, max_bad_fraction):
     self._paths = paths
     self._field = field
+    bad = records.BadRecords(f"{scheme}:{paths[0]}" + (
+        f" (+{len(paths) - 1} files)" if len(paths) > 1 else ""), max_bad_fraction)
+    sizes = []
+    for path in paths:
+      offsets, counts = line_index.load(path, field)
+      bad.add(counts["lines"], counts["empty"], counts["bad"], counts["first"])
+      sizes.append(len(offsets))
+    bad.check(final=True)
+    bad.log_summary()
+    self._starts = np.cumsum([0] + sizes).tolist()
+    self._offsets = {}
     self._maps = {}
-    file_ids, starts, ends = [], [], []
-    empty = invalid = bad = 0
-    for file_id, path in enumerate(paths):
-      # Read line by line (not the whole file): memory stays flat in file size.
-      with open(path, "rb") as f:
-        start = 0
-        for line_number, raw in enumerate(f, 1):
-          line = raw[:-1] if raw.endswith(b"\n") else raw
-          line_start, end = start, start + len(line)
-          start += len(raw)
-          if not line.strip():
-            continue
-          try:
-            text = self._parse(line, path, line_number)
-          except DataError as e:
-            if not skip_bad_records:
-              raise
-            bad += 1
-            if bad <= _MAX_WARNINGS:
-              logging.warning("Skipping a bad record: %s", e)
-            continue
-          if text is None:
-            invalid += 1
-          elif not text.strip():
-            empty += 1
-          else:
-            file_ids.append(file_id)
-            starts.append(line_start)
-            ends.append(end)
-    self._file_ids = np.asarray(file_ids, np.int32)
-    self._starts = np.asarray(starts, np.int64)
-    self._ends = np.asarray(ends, np.int64)
-    what = f"jsonl ({len(paths)} files from {os.path.dirname(paths[0])})"
-    _log_skipped(what, empty, invalid)
-    if bad:
-      logging.warning("%s: skipped %d malformed lines (skip_bad_records).", what, bad)
-
-  def _parse(self, line, path, line_number):
-    """One JSONL line -> its text (None if not valid UTF-8); DataError if malformed."""
-    try:
-      record = json.loads(line)
-    except UnicodeDecodeError:
-      return None
-    except ValueError as e:
-      raise DataError(f"{path}:{line_number}: malformed JSON ({e}).") from None
-    if not isinstance(record, dict) or not isinstance(record.get(self._field), str):
-      raise DataError(
-          f"{path}:{line_number}: expected a JSON object with a string field "
-          f"{self._field!r} (use jsonl:GLOB#FIELD for another field).")
-    return _valid_text(record[self._field])
 
   def __len__(self):
-    return len(self._starts)
+    return self._starts[-1]
 
   def __getitem__(self, index):
-    file_id = int(self._file_ids[index])
+    file_id = bisect.bisect_right(self._starts, index) - 1
     if file_id not in self._maps:
-      with open(self._paths[file_id], "rb") as f:
+      path = self._paths[file_id]
+      self._offsets[file_id] = line_index.load(path, self._field)[0]
+      with open(path, "rb") as f:
         self._maps[file_id] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    line = self._maps[file_id][self._starts[index]:self._ends[index]]
-    return json.loads(line)[self._field]
+    start, end = self._offsets[file_id][index - self._starts[file_id]]
+    return records.parse_line(self._maps[file_id][start:end], self._field)[0]
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_maps"] = {}  # memory maps do not pickle; reopened on access
+    state["_maps"] = {}     # memory maps do not pickle; reopened on access
+    state["_offsets"] = {}
     return state
 
 
@@ -177,8 +146,8 @@ class TextSource:
     self._paths = []
     empty = invalid = 0
     for path in paths:
-      with open(path, "rb") as f:
-        text = _valid_text(f.read())
+      with records.open_binary(path) as f:
+        text = records.text_or_none(f.read())
       if text is None:
         invalid += 1
       elif not text.strip():
@@ -191,8 +160,8 @@ class TextSource:
     return len(self._paths)
 
   def __getitem__(self, index):
-    with open(self._paths[index], encoding="utf-8") as f:
-      return f.read()
+    with records.open_binary(self._paths[index]) as f:
+      return f.read().decode("utf-8")
 
 
 class TfdsSource:
@@ -224,7 +193,7 @@ class TfdsSource:
     return len(self._source)
 
   def __getitem__(self, index):
-    text = _valid_text(self._source[index][self._field])
+    text = records.text_or_none(self._source[index][self._field])
     if text is None or not text.strip():
       self.skipped += 1
       if self.skipped <= _MAX_WARNINGS:
@@ -264,7 +233,7 @@ class MixtureSource:
     return self._sources[part][index - self._offsets[part]]
 
 
-def _split_field(body, default="text"):
+def split_field(body, default="text"):
   body, _, field = body.partition("#")
   return body, field or default
 
@@ -281,8 +250,28 @@ def _parse_tfds(body):
   return head, split
 
 
-def _parse_one(spec, skip_bad_records, check_only):
-  """One SPEC (no ',') -> a source, or None when check_only (globs/scheme checked only)."""
+@dataclasses.dataclass(frozen=True)
+class WeightedMixture:
+  """Components mixed by weight (SPEC@w,...): the pipeline mixes their packed sequences."""
+  sources: tuple
+  weights: tuple
+
+
+def is_stream(source):
+  return isinstance(source, streams.StreamSource)
+
+
+def _lines_source(scheme, pattern, field, max_bad_fraction, check_only):
+  paths = expand_glob(scheme, pattern)
+  if check_only:
+    return None
+  if any(records.is_compressed(p) for p in paths):
+    return streams.StreamSource(scheme, paths, field, max_bad_fraction)
+  return LinesSource(scheme, paths, field, max_bad_fraction)
+
+
+def _parse_one(spec, max_bad_fraction, check_only):
+  """One SPEC (no ',', no weight) -> a source, or None when check_only (globs/scheme checked only)."""
   scheme, sep, body = spec.strip().partition(":")
   if not sep or scheme not in SCHEMES:
     raise DataError(
@@ -295,50 +284,98 @@ def _parse_one(spec, skip_bad_records, check_only):
           f"Unknown builtin corpus {spec!r}; use builtin:python_docs[:train|valid|all].")
     return None if check_only else BuiltinSource(split or "train")
   if scheme == "tfds":
-    body, field = _split_field(body)
+    body, field = split_field(body)
     name, split = _parse_tfds(body)
     return None if check_only else TfdsSource(name, split, field)
-  if scheme == "jsonl":
-    pattern, field = _split_field(body)
-    paths = _expand_glob(scheme, pattern)
-    return None if check_only else JsonlSource(paths, field, skip_bad_records)
+  if scheme in ("jsonl", "lines"):
+    pattern, field = split_field(body) if scheme == "jsonl" else (body, None)
+    return _lines_source(scheme, pattern, field, max_bad_fraction, check_only)
+  if scheme == "parquet":
+    pattern, column = split_field(body)
+    paths = expand_glob(scheme, pattern)
+    return None if check_only else streams.StreamSource(scheme, paths, column, max_bad_fraction)
   if scheme == "text":
-    paths = _expand_glob(scheme, body)
+    paths = expand_glob(scheme, body)
     return None if check_only else TextSource(paths)
-  paths = _expand_glob(scheme, body, suffix=ARRAYRECORD_SUFFIX)
+  paths = expand_glob(scheme, body, suffix=ARRAYRECORD_SUFFIX)
   return None if check_only else ArrayRecordSource(paths)
 
 
-def _split_specs(spec):
+def split_specs(spec):
+  """A SPEC -> [(one SPEC, weight or None)]; weights are all given or none."""
   parts = [p.strip() for p in spec.split(",") if p.strip()]
   if not parts:
     raise DataError("The data SPEC is empty; give e.g. builtin:python_docs or jsonl:DIR/*.jsonl.")
-  return parts
+  weighted = []
+  for part in parts:
+    match = _WEIGHT.match(part)
+    weighted.append((match.group(1).strip(), float(match.group(2))) if match else (part, None))
+  given = [w is not None for _, w in weighted]
+  if any(given) and not all(given):
+    raise DataError(f"{spec!r} gives weights to some components only; give every component "
+                    "one (SPEC@0.7,SPEC@0.3) or none (concatenation).")
+  if any(w is not None and w <= 0 for _, w in weighted):
+    raise DataError(f"{spec!r} has a weight <= 0; weights must be positive.")
+  return weighted
 
 
 def check_spec(spec):
   """Validates a SPEC cheaply (schemes known, globs match files) without reading data."""
-  for part in _split_specs(spec):
-    _parse_one(part, skip_bad_records=False, check_only=True)
+  for part, _ in split_specs(spec):
+    _parse_one(part, max_bad_fraction=0.0, check_only=True)
 
 
-def parse_spec(spec, skip_bad_records=False):
-  """A SPEC (',' = mixture) -> a random-access source of str or int32[n] documents."""
-  sources = [_parse_one(p, skip_bad_records, check_only=False) for p in _split_specs(spec)]
-  return sources[0] if len(sources) == 1 else MixtureSource(sources)
+def parse_spec(spec, max_bad_fraction=0.0):
+  """A SPEC -> a source: random access, a StreamSource, or a WeightedMixture of them.
+
+  max_bad_fraction: the fraction of bad lines tolerated (skipped and counted) before failing.
+  """
+  parts = split_specs(spec)
+  sources = [_parse_one(p, max_bad_fraction, check_only=False) for p, _ in parts]
+  if parts[0][1] is not None:
+    return WeightedMixture(tuple(sources), tuple(w for _, w in parts))
+  if len(sources) == 1:
+    return sources[0]
+  if any(is_stream(s) for s in sources):
+    raise DataError(f"{spec!r} mixes streaming sources (.gz/.zst or parquet) without weights; "
+                    "give every component a weight: SPEC@0.5,SPEC@0.5.")
+  return MixtureSource(sources)
 
 
-def iter_texts(spec, skip_bad_records=False, seed=0):
+def _texts(source, rng):
+  """Every text document of one source once: random order, or stream order (files shuffled)."""
+  if is_stream(source):
+    yield from source.texts(seed=int(rng.integers(1 << 31)))
+    return
+  for index in rng.permutation(len(source)):
+    text = source[int(index)]
+    if text:
+      yield text
+
+
+def iter_texts(spec, max_bad_fraction=0.0, seed=0):
   """Yields the text documents of a SPEC in a seeded random order (for tokenizer training).
 
-  The order is random so that a prefix (the tokenizer's max_chars) is a fair sample.
+  The order is random so that a prefix (the tokenizer's max_chars) is a fair sample;
+  streaming sources come in file order (the files shuffled), weighted components are
+  drawn by weight until each is used up.
   """
-  if any(p.startswith("arrayrecord:") for p in _split_specs(spec)):
+  if any(p.startswith("arrayrecord:") for p, _ in split_specs(spec)):
     raise DataError(
         f"{spec!r} includes arrayrecord token ids; train the tokenizer on the text SPEC "
         "the shards were prepared from.")
-  source = parse_spec(spec, skip_bad_records)
-  for index in np.random.default_rng(seed).permutation(len(source)):
-    text = source[int(index)]
-    if text:
+  source = parse_spec(spec, max_bad_fraction)
+  rng = np.random.default_rng(seed)
+  if not isinstance(source, WeightedMixture):
+    yield from _texts(source, rng)
+    return
+  its = [_texts(s, rng) for s in source.sources]
+  weights = np.asarray(source.weights, np.float64)
+  while its:
+    pick = int(rng.choice(len(its), p=weights / weights.sum()))
+    text = next(its[pick], None)
+    if text is None:
+      del its[pick]
+      weights = np.delete(weights, pick)
+    else:
       yield text

@@ -1,6 +1,6 @@
 """Progress of long steps: a tqdm bar with rate and ETA on a terminal, periodic log lines otherwise.
 
-`bar(...)` is used by tokenizer training, eval, generation, convert and the trainer.
+`bar(...)` is used by calm-prepare, tokenizer training, eval, generation, convert and the trainer.
 Where the output stream is not a terminal (a batch job's log file, CI), a bar would write
 carriage-return updates into the file; instead one INFO line goes to the log every
 LOG_EVERY_S seconds and at the end: "eval ar: 40.0k/100k tok (40%), 2.1k tok/s, ETA 00:28".
@@ -37,6 +37,13 @@ def format_interval(seconds):
   return tqdm.tqdm.format_interval(seconds)
 
 
+def format_count(n, unit_scale=True):
+  """A count as a log line shows it: 25, 13.5, 2.38k (unit_scale: k, M, G above 999)."""
+  if unit_scale and n >= 1000:
+    return tqdm.tqdm.format_sizeof(n)
+  return f"{n:.3g}" if n < 100 else f"{n:.0f}"
+
+
 def _is_terminal(stream):
   try:
     return stream.isatty()
@@ -57,8 +64,11 @@ class LogProgress:
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *exc):
+    if exc_type is None:
+      self.close()
+    else:           # failed: no "done in" line
+      self.closed = True
 
   def __iter__(self):
     for item in self.iterable:
@@ -76,7 +86,7 @@ class LogProgress:
     self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
   def _count(self, n):
-    return tqdm.tqdm.format_sizeof(n) if self.unit_scale else f"{n:.3g}" if n < 100 else f"{n:.0f}"
+    return format_count(n, self.unit_scale)
 
   def line(self, now, done=False):
     """The progress line at time `now`."""

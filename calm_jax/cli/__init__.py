@@ -31,6 +31,15 @@ def setup_logging():
   absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
+def setup_plain_logging():
+  """Our INFO lines (progress included) and the libraries' warnings on stderr, for the argparse
+  command lines (calm-prepare, calm-tokenizer) run as programs: replaces the root handlers."""
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(levelname).1s %(asctime)s %(message)s", "%H:%M:%S"))
+  handler.addFilter(_LibraryInfoFilter())
+  logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
 def run_app(main, required, modules, takes_args=False):
   """Runs main() under absl with the log setup and the one-line exit for a UserError.
 

@@ -4,6 +4,7 @@
                [--num_shards N --shard_index I] [--runner local|beam]
 
 The shards, their done-markers and DIR/prepare.json are described in calm_jax/data/prepare.py.
+Progress: a bar with rate and ETA on a terminal, a log line every 30 s otherwise.
 Rerun the same command after a kill: it resumes. Train on the shards with
 --config.data.train=arrayrecord:DIR.
 """
@@ -11,6 +12,7 @@ import argparse
 import os
 import sys
 
+from calm_jax import cli
 from calm_jax.cli import tokenizer as cli_tokenizer
 from calm_jax.data import prepare
 from calm_jax.data import sources
@@ -55,6 +57,8 @@ def _prepare(args):
 def run(argv=None):
   """Console entry point; bad input exits 1 with a one-line message, no traceback."""
   args = _parse_args(argv)
+  if argv is None:  # run as a program (not called from Python): log INFO lines to stderr
+    cli.setup_plain_logging()
   try:
     summary = _prepare(args)
   except (sources.DataError, tokenizer_lib.TokenizerError, OSError) as e:

@@ -9,6 +9,7 @@ import itertools
 import sys
 import time
 
+from calm_jax import cli
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
 from experiments import common
@@ -60,6 +61,8 @@ def _parse_args(argv):
 def run(argv=None):
   """Console entry point; bad input exits 1 with a one-line message, no traceback."""
   args = _parse_args(argv)
+  if argv is None:  # run as a program (not called from Python): log INFO lines to stderr
+    cli.setup_plain_logging()
   start = time.time()
   try:
     texts = _Counter(sources.iter_texts(args.data, max_bad_fraction(args)))

@@ -15,7 +15,8 @@ directory planned differently is refused. --num_shards N --shard_index I makes t
 process do only the parts of shard I of N (one array job per shard); --num_workers W splits
 this process's parts between W local processes. When every part of every unit is done,
 DIR/prepare.json sums them up (documents, tokens, bad lines, tokens/s). Train on the result
-with --config.data.train=arrayrecord:DIR.
+with --config.data.train=arrayrecord:DIR. Progress: one bar over this process's parts
+(prepare_progress.py).
 """
 import concurrent.futures
 import glob
@@ -23,12 +24,12 @@ import hashlib
 import json
 import multiprocessing
 import os
-import sys
 import time
 
 from array_record.python import array_record_module
 
 from calm_jax.data import prepare_inputs
+from calm_jax.data import prepare_progress
 from calm_jax.data import records
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
@@ -69,6 +70,9 @@ def _digest(path):
 
 def make_plan(spec, tokenizer_path, output_dir, part_bytes, part_docs):
   """Checks the SPEC and the output directory; writes or compares DIR/prepare_plan.json."""
+  if part_bytes < 1 or part_docs < 1:
+    raise records.DataError(f"part sizes must be positive (part bytes {part_bytes}, part "
+                            f"documents {part_docs}); raise --part_mb / --part_docs.")
   units = prepare_inputs.units(spec)
   tok = tokenizer_lib.load(tokenizer_path)
   plan = dict(data=spec, units=[u.what for u in units],
@@ -92,27 +96,38 @@ def make_plan(spec, tokenizer_path, output_dir, part_bytes, part_docs):
   return plan, units
 
 
-def _write_part(output_dir, unit, part, texts_where, tok, bad):
-  """Tokenizes one part into its shard (atomically), then writes its done-marker."""
+def _write_part(output_dir, unit, part, texts_where, tok, bad, reporter):
+  """Tokenizes one part into its shard (atomically), then writes its done-marker.
+
+  reporter (prepare_progress.Reporter) gets the records, bytes, documents and tokens read.
+  """
   final = shard_path(output_dir, unit, part)
   tmp = final + ".tmp"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-  counts = dict(documents=0, tokens=0, lines=0, empty=0, bad=0, first=[])
+  counts = dict(documents=0, tokens=0, lines=0, empty=0, bad=0, first=[], bytes=0)
   lines0, empty0, bad0 = bad.lines, bad.empty, bad.bad
   first0 = len(bad.first)
   batch = []
+  read = dict(records=0, bytes=0)
 
   def flush():
+    tokens = 0
     for ids in tok.encode_batch(batch):
       writer.write(sources.encode_tokens(ids))
-      counts["documents"] += 1
-      counts["tokens"] += len(ids)
+      tokens += len(ids)
+    counts["documents"] += len(batch)
+    counts["tokens"] += tokens
+    counts["bytes"] += read["bytes"]
+    reporter.add(documents=len(batch), tokens=tokens, **read)
     batch.clear()
+    read.update(records=0, bytes=0)
 
   try:
-    for text, where, why in texts_where:
+    for text, where, why, nbytes in texts_where:
       bad.count(text, where, why)
       bad.check()
+      read["records"] += 1
+      read["bytes"] += nbytes
       if text and text.strip():
         batch.append(text)
         if len(batch) == _ENCODE_BATCH:
@@ -124,15 +139,18 @@ def _write_part(output_dir, unit, part, texts_where, tok, bad):
   counts.update(lines=bad.lines - lines0, empty=bad.empty - empty0, bad=bad.bad - bad0,
                 first=bad.first[first0:])
   write_json(final + ".done", counts)
+  reporter.add(parts=1)
   return counts
 
 
-def work(plan, levels, max_bad_fraction):
+def work(plan, levels, max_bad_fraction, reporter=None):
   """Writes the parts owned by this worker (levels: [(n, index)], see prepare_inputs.owner).
 
+  reporter: a prepare_progress.Reporter (None: a pool worker's queue, else nowhere).
   Returns {'parts', 'documents', 'tokens', 'seconds'} of the parts written here.
   """
   start = time.time()
+  reporter = reporter or prepare_progress.queue_reporter()
   output_dir = plan["output"]
   tok = tokenizer_lib.load(plan["tokenizer"])
   units = [prepare_inputs.Unit(*u) for u in plan["unit_args"]]
@@ -151,12 +169,7 @@ def work(plan, levels, max_bad_fraction):
         counts = read_json(marker)
         bad.add(counts["lines"], counts["empty"], counts["bad"], counts["first"])
         continue
-      part_start = time.time()
-      counts = _write_part(output_dir, u, part, texts_where, tok, bad)
-      print(f"calm-prepare: {os.path.basename(shard_path(output_dir, u, part))}: "
-            f"{counts['documents']} documents, {counts['tokens']} tokens, "
-            f"{counts['tokens'] / max(time.time() - part_start, 1e-9):.0f} tokens/s",
-            file=sys.stderr, flush=True)  # progress, one line per shard
+      counts = _write_part(output_dir, u, part, texts_where, tok, bad, reporter)
       done["parts"] += 1
       done["documents"] += counts["documents"]
       done["tokens"] += counts["tokens"]
@@ -200,14 +213,20 @@ def prepare(spec, tokenizer_path, output_dir, *, num_workers=1, num_shards=1, sh
               unit_args=[[u.scheme, u.path, u.field] for u in units])
   machines = [(num_shards, shard_index)] if shard_index is not None else []
   start = time.time()
-  if num_workers <= 1:
-    results = [work(plan, machines, max_bad_fraction)]
-  else:
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
-      futures = [pool.submit(work, plan, machines + [(num_workers, w)], max_bad_fraction)
-                 for w in range(num_workers)]
-      results = [f.result() for f in futures]
+  with prepare_progress.Display(*prepare_progress.extent(
+      units, machines, output_dir, part_bytes, part_docs)) as display:
+    if num_workers <= 1:
+      results = [work(plan, machines, max_bad_fraction, prepare_progress.Reporter(display.add))]
+    else:
+      ctx = multiprocessing.get_context("spawn")
+      queue = ctx.SimpleQueue()
+      with concurrent.futures.ProcessPoolExecutor(
+          num_workers, mp_context=ctx, initializer=prepare_progress.set_queue,
+          initargs=(queue,)) as pool:
+        futures = [pool.submit(work, plan, machines + [(num_workers, w)], max_bad_fraction)
+                   for w in range(num_workers)]
+        prepare_progress.wait(futures, queue, display)
+        results = [f.result() for f in futures]
   run = {k: sum(r[k] for r in results) for k in ("parts", "documents", "tokens")}
   return finish(spec, plan, output_dir, run, time.time() - start, max(1, num_workers),
                 max_bad_fraction)

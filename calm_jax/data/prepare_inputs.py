@@ -14,6 +14,7 @@ least n of them (each file is read by one owner only), else parts round-robin. A
 (machines of --num_shards, then local --num_workers) every part has exactly one owner.
 """
 import dataclasses
+import os
 
 from calm_jax.data import records
 from calm_jax.data import sources
@@ -85,7 +86,8 @@ def reads_unit(n_units, levels, unit):
 
 
 def _line_parts(unit, part_bytes):
-  """Yields (part, records) for the parts of a line file; records yields (text|None, where, why)."""
+  """Yields (part, records) for the parts of a line file; records yields (text|None, where, why,
+  nbytes): nbytes is the line's length in the (uncompressed) file."""
   state = dict(part=0, part_end=part_bytes, offset=0, line=0, pending=None)
 
   def lines_of_part(f, part):
@@ -120,10 +122,10 @@ def _parsed(unit, raw_lines):
     line = raw[:-1] if raw.endswith(b"\n") else raw
     where = f"{unit.path}:{line_number}"
     if not line.strip():
-      yield "", where, None
+      yield "", where, None, len(raw)
       continue
     text, why = records.parse_line(line, field)
-    yield text, where, why
+    yield text, where, why, len(raw)
 
 
 def _parquet_parts(unit):
@@ -140,20 +142,53 @@ def _parquet_rows(unit, group, first):
   values = parquet.read_row_group(group, columns=[unit.field]).column(0).to_pylist()
   for i, value in enumerate(values):
     text, why = streams.parquet_text(value, unit.field)
-    yield text, f"{unit.path}:{first + i + 1}", why
+    yield text, f"{unit.path}:{first + i + 1}", why, 0
 
 
 def _source_parts(unit, part_docs):
   source = sources.parse_spec(unit.path)
   for part, start in enumerate(range(0, max(len(source), 1), part_docs)):
     indices = range(start, min(start + part_docs, len(source)))
-    yield part, ((source[i] or "", f"{unit.path} document {i}", None) for i in indices)
+    yield part, ((source[i] or "", f"{unit.path} document {i}", None, 0) for i in indices)
 
 
 def parts(unit, part_bytes, part_docs):
-  """Yields (part index, records) in order; consume (or drop) each records before the next."""
+  """Yields (part index, records) in order; consume (or drop) each records before the next.
+
+  records yields (text | None, where, why, nbytes); nbytes is 0 outside jsonl:/lines: files.
+  """
   if unit.scheme in LINE_SCHEMES:
     return _line_parts(unit, part_bytes)
   if unit.scheme == "parquet":
     return _parquet_parts(unit)
   return _source_parts(unit, part_docs)
+
+
+def line_part_sizes(path, part_bytes):
+  """Byte sizes of the parts of an uncompressed line file, cut as _line_parts cuts them.
+
+  A part ends at the first line start at or after its start + part_bytes: one seek and
+  one line read per part, not a read of the file.
+  """
+  size = os.path.getsize(path)
+  starts = [0]
+  with open(path, "rb") as f:
+    while starts[-1] + part_bytes < size:
+      f.seek(starts[-1] + part_bytes - 1)
+      f.readline()         # up to the first newline at or after start + part_bytes - 1
+      if f.tell() >= size:
+        break
+      starts.append(f.tell())
+  return [end - start for start, end in zip(starts, starts[1:] + [size])]
+
+
+def part_sizes(unit, part_bytes, part_docs):
+  """The parts' sizes, in bytes for a line file and in records otherwise; None for a
+  compressed line file (its parts are known only by reading it)."""
+  if unit.scheme in LINE_SCHEMES:
+    return None if records.is_compressed(unit.path) else line_part_sizes(unit.path, part_bytes)
+  if unit.scheme == "parquet":
+    metadata = streams.parquet_file(unit.path).metadata
+    return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+  n = len(sources.parse_spec(unit.path))
+  return [min(part_docs, n - start) for start in range(0, max(n, 1), part_docs)]

@@ -5,7 +5,7 @@ r"""Why a small CALM's head samples a blob: the autoencoder's latent geometry an
 
 W1 is a finished stage-1 run (experiments/autoencoder.py). Two measurements on chunks of
 the concatenated token stream (the chunks CALM predicts), with the trainer's energy loss
-(N = 8 samples, M = 100 posterior draws, beta = 1):
+(N = 8 samples, M = 100 posterior draws, beta = --beta, 1 by default):
 
   1. geometry: the energy loss of oracle heads that sample the posteriors of real training
      chunks: the marginal (any chunk), the bigram (chunks that followed the same token) and
@@ -60,14 +60,14 @@ def stream_chunks(tokenizer, spec, num_chunks, k, eos_id):
   return np.asarray(ids[:(num_chunks + 1) * k]).reshape(-1, k)
 
 
-def energy_loss(x_NxPxl, mean_Pxl, std_Pxl, rng):
+def energy_loss(x_NxPxl, mean_Pxl, std_Pxl, rng, beta=1.0):
   """The trainer's estimator (2 fidelity - diversity), averaged over positions."""
   total = 0.0
   for i in range(0, len(mean_Pxl), BLOCK):
     m, s = mean_Pxl[i:i + BLOCK], std_Pxl[i:i + BLOCK]
     y = m[None] + s[None] * rng.standard_normal((NUM_TARGETS,) + m.shape)
     fid, div = energy_score.energy_terms(jnp.asarray(x_NxPxl[:, i:i + BLOCK], jnp.float32),
-                                         jnp.asarray(y, jnp.float32), 1.0)
+                                         jnp.asarray(y, jnp.float32), beta)
     total += float(jnp.sum(2.0 * fid - div))
   return total / len(mean_Pxl)
 
@@ -101,7 +101,7 @@ def matching_indices(train_keys, eval_keys, num, rng):
                    for key in map(tuple, eval_keys.tolist())], axis=1)
 
 
-def geometry(run, train, evals, rng):
+def geometry(run, train, evals, rng, beta):
   """Oracle energies and their share of the marginal -> posterior span; decode accuracy."""
   dim = train.mean.shape[1]
   posterior_of = lambda idx: train.mean[idx] + train.std[idx] * rng.standard_normal(
@@ -112,7 +112,7 @@ def geometry(run, train, evals, rng):
   for condition in ("bigram", "prefix1", "prefix2"):
     heads[condition] = posterior_of(matching_indices(train.keys(condition), evals.keys(condition),
                                                      NUM_SAMPLES, rng))
-  out = {name: energy_loss(x, evals.mean, evals.std, rng) for name, x in heads.items()}
+  out = {name: energy_loss(x, evals.mean, evals.std, rng, beta) for name, x in heads.items()}
   span = out["marginal"] - out["posterior"]
   for name in ("bigram", "prefix1", "prefix2"):
     out[f"{name}_frac"] = (out["marginal"] - out[name]) / span
@@ -159,7 +159,8 @@ def train_head(run, train, evals, condition, args):
   cfg = ml_collections.ConfigDict(dict(
       vocab_size=model_cfg.vocab_size, hidden=args.head_width, init_std=args.head_width ** -0.5,
       layer_norm_eps=1e-6, num_head_blocks=args.head_blocks, latent_dim=model_cfg.latent_dim,
-      noise_dim=64, num_model_samples=NUM_SAMPLES, num_target_samples=NUM_TARGETS, beta=1.0))
+      noise_dim=64, num_model_samples=NUM_SAMPLES, num_target_samples=NUM_TARGETS,
+      beta=args.beta))
   tr_keys, ev_keys = train.keys(condition), evals.keys(condition)
   model = OracleHead(cfg, tr_keys.shape[1])
   log_std = np.log(train.std)
@@ -188,7 +189,8 @@ def train_head(run, train, evals, condition, args):
   tokens = decoder(run)(x[0])
   seen = {tuple(c) for c in train.next.tolist()}
   return dict(condition=condition, width=args.head_width, blocks=args.head_blocks,
-              steps=args.head_steps, energy=energy_loss(x, evals.mean, evals.std, rng),
+              steps=args.head_steps, beta=args.beta,
+              energy=energy_loss(x, evals.mean, evals.std, rng, args.beta),
               first_token_accuracy=float(np.mean(tokens[:, 0] == evals.next[:, 0])),
               real_chunk_fraction=float(np.mean([tuple(c) in seen for c in tokens.tolist()])),
               sample_std=float(np.mean(np.std(x, axis=0))),
@@ -224,6 +226,8 @@ def parse_args(argv=None):
   p.add_argument("--head_width", type=int, default=128)
   p.add_argument("--head_blocks", type=int, default=1)
   p.add_argument("--head_lr", type=float, default=1e-3)
+  p.add_argument("--beta", type=float, default=1.0,
+                 help="energy score exponent: of the oracles' energies and of the heads' training")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--output", default=os.path.join(HERE, "latent_geometry.json"))
   return p.parse_args(argv)
@@ -236,7 +240,7 @@ def main(argv=None):
   evals = Split(run, args.valid, args.eval_chunks)
   result = {"benchmark": "latent_geometry", "autoencoder": os.path.abspath(args.autoencoder),
             "args": vars(args), "machine": bench_lib.machine_info(),
-            "geometry": geometry(run, train, evals, np.random.default_rng(args.seed)),
+            "geometry": geometry(run, train, evals, np.random.default_rng(args.seed), args.beta),
             "heads": []}
   for condition in filter(None, args.conditions.split(",")):
     result["heads"].append(train_head(run, train, evals, condition, args))

@@ -56,7 +56,7 @@ def test_extend_equals_logits():
   model = tiny_model()
   tokens = make_batch(l=8)["tokens"]
   cache = model.init_cache(2, 12)           # no params needed
-  assert cache["k"].shape == (2, 2, 12, 2, 8)
+  assert cache["layers"][0]["k"].shape == (2, 12, 2, 8) and len(cache["layers"]) == 2
 
   @jax.jit
   def run(tokens, cache):

@@ -150,3 +150,23 @@ def test_gqa_kernel_matches_numpy_with_mask():
   mask = np.arange(5)[None, :] <= (2 + np.arange(3))[:, None]     # queries at positions 2..4
   got = attention.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[None, None])
   np.testing.assert_allclose(got, attention_numpy(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,kv_heads", [(1, 2), (3, 1), (3, 4)])
+def test_prefix_attention_reads_blocks_of_the_filled_prefix(t, kv_heads):
+  """Block-wise attention over the cache (blocks of 4 slots; 10 slots, so the last block
+  overlaps the one before) equals softmax attention with the mask key <= query position,
+  for every fill level; slots past the prefix hold garbage that must not leak in."""
+  rs = np.random.RandomState(6)
+  s = 10
+  q = rs.randn(2, t, 4, 8).astype(np.float32)
+  k = rs.randn(2, s, kv_heads, 8).astype(np.float32)
+  v = rs.randn(2, s, kv_heads, 8).astype(np.float32)
+  run = jax.jit(lambda q, k, v, pos: attention.prefix_attention(q, k, v, pos, block=4))
+  for pos in range(0, s - t + 1):
+    mask = np.arange(s)[None, :] <= (pos + np.arange(t))[:, None]
+    garbage_k, garbage_v = k.copy(), v.copy()
+    garbage_k[:, pos + t:] = 1e4
+    garbage_v[:, pos + t:] = 1e4
+    got = run(q, garbage_k, garbage_v, pos)
+    np.testing.assert_allclose(got, attention_numpy(q, k, v, mask), rtol=1e-5, atol=1e-5)

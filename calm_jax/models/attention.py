@@ -1,15 +1,22 @@
 """Causal multi-head attention with RoPE and grouped KV heads (GQA), plus its KV-cache path.
 
-Training: attend(x_BxLxD) with positions 0..L-1 and a causal mask.
+Training: attend(x_BxLxD) with positions 0..L-1 and a causal mask (jax.nn.dot_product_attention:
+cuDNN flash attention on GPU, XLA elsewhere).
 Decoding: the cache of one layer is {'k': [B, S, kv_heads, head_dim], 'v': same}; the
 caller owns an int32 position `pos` (tokens already in the cache). extend writes the T
-new keys/values at pos with dynamic_update_slice and lets query pos+i see keys 0..pos+i.
+new keys/values at pos with dynamic_update_slice (in place: the caller's loop carries or
+donates the buffers) and lets query pos+i see keys 0..pos+i. `prefix_attention` reads only
+the filled prefix, block by block (online softmax), so a step costs in proportion to pos,
+not to the S slots allocated.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from calm_jax.models.layers import Dense, apply_rope, constrain
+
+# Cache slots per block of prefix_attention (the decode path reads whole blocks).
+PREFIX_BLOCK = 256
 
 
 def _implementation(q, k, has_mask):
@@ -32,6 +39,46 @@ def dot_product_attention(q_BxTxHxd, k_BxSxGxd, v_BxSxGxd, mask=None, is_causal=
       pass        # unsupported shape/version: use the XLA path below
   return jax.nn.dot_product_attention(q_BxTxHxd, k_BxSxGxd, v_BxSxGxd, mask=mask,
                                       is_causal=is_causal, implementation=None)
+
+
+def prefix_attention(q_BxTxHxd, k_BxSxGxd, v_BxSxGxd, pos, block=PREFIX_BLOCK):
+  """Queries at positions pos..pos+T-1 over cached keys 0..pos+i only, block by block.
+
+  Reads ceil((pos + T) / block) blocks of the cache (online softmax, float32 statistics), so
+  slots past the filled prefix cost nothing. Equals dot_product_attention with the mask
+  key <= query position. The last block is shifted to end at slot S (no padding needed).
+  """
+  b, t, h, d = q_BxTxHxd.shape
+  s, g = k_BxSxGxd.shape[1], k_BxSxGxd.shape[2]
+  blk = min(block, s)
+  q_BxTxGxRxd = q_BxTxHxd.reshape(b, t, g, h // g, d)
+  q_pos_T = jnp.asarray(pos, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+
+  def body(j, carry):
+    m_BxGxRxT, l_BxGxRxT, acc_BxGxRxTxd = carry
+    start = jnp.minimum(j * blk, s - blk)
+    k_blk = jax.lax.dynamic_slice_in_dim(k_BxSxGxd, start, blk, axis=1).astype(q_BxTxHxd.dtype)
+    v_blk = jax.lax.dynamic_slice_in_dim(v_BxSxGxd, start, blk, axis=1).astype(q_BxTxHxd.dtype)
+    k_pos = start + jnp.arange(blk, dtype=jnp.int32)
+    # Keys before j * blk were read by earlier blocks (the last block may overlap them).
+    visible_TxS = (k_pos[None, :] <= q_pos_T[:, None]) & (k_pos[None, :] >= j * blk)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxd, k_blk,
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(visible_TxS, scores, -jnp.inf)
+    m_new = jnp.maximum(m_BxGxRxT, jnp.max(scores, axis=-1))
+    p = jnp.exp(scores - m_new[..., None])
+    correction = jnp.exp(m_BxGxRxT - m_new)
+    acc = acc_BxGxRxTxd * correction[..., None] + jnp.einsum(
+        "bgrts,bsgd->bgrtd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+    return m_new, l_BxGxRxT * correction + jnp.sum(p, axis=-1), acc
+
+  stats = (b, g, h // g, t)
+  init = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
+          jnp.zeros(stats + (d,), jnp.float32))
+  num_blocks = (q_pos_T[-1] + blk) // blk          # blocks holding keys 0..pos+T-1
+  _, l_BxGxRxT, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+  o_BxGxRxTxd = acc / l_BxGxRxT[..., None]
+  return jnp.transpose(o_BxGxRxTxd, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q_BxTxHxd.dtype)
 
 
 class Attention(nn.Module):
@@ -78,10 +125,6 @@ class Attention(nn.Module):
     start = (zero, jnp.asarray(pos, jnp.int32), zero, zero)
     k_cache = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
     v_cache = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
-    s = k_cache.shape[1]
-    # Query i (absolute position pos + i) sees keys 0..pos+i; later slots are empty or stale.
-    mask_TxS = jnp.arange(s)[None, :] <= (pos + jnp.arange(t))[:, None]
-    o = dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                              mask=mask_TxS[None, None])
+    o = prefix_attention(q, k_cache, v_cache, pos)
     out = self.out(constrain(o, ("batch", "length", "act_heads", None)))
     return out, {"k": k_cache, "v": v_cache}

@@ -5,10 +5,15 @@ read: hidden, mlp, layers, heads, kv_heads, rope_theta, norm_eps, init_std, rema
 scan_layers. With scan_layers the blocks are one nn.scan (params get a leading
 'layers' axis, compile time flat in depth); otherwise they are layers_0..layers_{n-1}.
 
-KV cache (one layout for both): {'k': [layers, B, S, kv_heads, head_dim],
-'v': same, 'pos': int32[]} with pos = number of positions already written (the same
-for every row). init_cache is a pure function of the config; extend appends T positions.
-Writing past S is not checked (dynamic_update_slice clamps): size the cache for the run.
+KV cache (one layout for both): {'layers': [{'k': [B, S, kv_heads, head_dim], 'v': same}
+per layer], 'pos': int32[]} with pos = number of positions already written (the same for
+every row). Each layer's buffers are separate arrays that extend updates in place
+(dynamic_update_slice; a decode loop carries them, a jitted step donates them), and
+attention reads only the filled prefix (attention.prefix_attention): a decode step costs
+the same with 256 or 4,096 slots. The cache path runs the layers one by one, slicing a
+scanned stack's params per layer. init_cache is a pure function of the config; extend
+appends T positions. Writing past S is not checked (dynamic_update_slice clamps): size
+the cache for the run.
 """
 import flax.linen as nn
 import jax
@@ -29,10 +34,10 @@ def head_dim(model_config):
 
 def init_cache(model_config, batch_size, max_len, dtype=jnp.float32):
   """An empty KV cache for `max_len` positions (a pure function of the config)."""
-  shape = (model_config.layers, batch_size, max_len, model_config.kv_heads,
-           head_dim(model_config))
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "pos": jnp.zeros((), jnp.int32)}
+  shape = (batch_size, max_len, model_config.kv_heads, head_dim(model_config))
+  layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(model_config.layers)]
+  return {"layers": layers, "pos": jnp.zeros((), jnp.int32)}
 
 
 class Block(nn.Module):
@@ -75,34 +80,44 @@ class Transformer(nn.Module):
   config: object
   dtype: jnp.dtype = jnp.float32
 
-  def _blocks(self, x_BxTxD, cache_kv, pos):
-    """Runs every block; cache_kv is None or {'k','v'} stacked over layers."""
+  def _blocks(self, x_BxTxD):
+    """Runs every block on the training path (full causal attention, no cache)."""
     c = self.config
     block = _block_class(c)
     if c.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast), length=c.layers,
+                      in_axes=(nn.broadcast, nn.broadcast), length=c.layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      return stack(c, dtype=self.dtype, name="layers")(x_BxTxD, cache_kv, pos)
-    new_kv = []
+      return stack(c, dtype=self.dtype, name="layers")(x_BxTxD, None, None)[0]
     for i in range(c.layers):
-      kv_i = None if cache_kv is None else jax.tree.map(lambda a, i=i: a[i], cache_kv)
-      x_BxTxD, kv_i = block(c, dtype=self.dtype, name=f"layers_{i}")(x_BxTxD, kv_i, pos)
-      new_kv.append(kv_i)
-    if cache_kv is None:
-      return x_BxTxD, None
-    return x_BxTxD, jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
+      x_BxTxD, _ = block(c, dtype=self.dtype, name=f"layers_{i}")(x_BxTxD, None, None)
+    return x_BxTxD
+
+  def _layer_variables(self, i):
+    """Layer i's params: layers_i, or slice i of the scanned stack."""
+    params = nn.unbox(self.variables["params"])
+    if self.config.scan_layers:
+      return {"params": jax.tree.map(lambda a: a[i], params["layers"])}
+    return {"params": params[f"layers_{i}"]}
+
+  def _cached_blocks(self, x_BxTxD, cache):
+    """The cache path: the layers one by one, each extending its own cache in place."""
+    block = Block(self.config, dtype=self.dtype, parent=None)
+    layers = []
+    for i, kv in enumerate(cache["layers"]):
+      x_BxTxD, kv = block.apply(self._layer_variables(i), x_BxTxD, kv, cache["pos"])
+      layers.append(kv)
+    return x_BxTxD, layers
 
   @nn.compact
   def __call__(self, x_BxLxD, cache=None):
     """h_BxLxD for positions 0..L-1; with a cache, extend(x, cache) (returns (h, cache))."""
     x = constrain(jnp.asarray(x_BxLxD, self.dtype), ("batch", "length", "act_embed"))
     if cache is None:
-      x, _ = self._blocks(x, None, None)
+      x = self._blocks(x)
     else:
-      pos = cache["pos"]
-      x, kv = self._blocks(x, {"k": cache["k"], "v": cache["v"]}, pos)
-      cache = dict(kv, pos=pos + x_BxLxD.shape[1])
+      x, layers = self._cached_blocks(x, cache)
+      cache = {"layers": layers, "pos": cache["pos"] + x_BxLxD.shape[1]}
     h = RMSNorm(self.config.norm_eps, dtype=self.dtype, name="final_norm")(x)
     return h if cache is None else (h, cache)
 

@@ -74,6 +74,7 @@ _ADDED_FIELDS = (
     ("calm", "model.layer_norm_eps", lambda c: c.model.norm_eps),   # LayerNorms used norm_eps
     ("calm", "model.targets_bf16_embeddings_in_training", False),
     ("calm", "autoencoder.digest", ""),
+    ("ar", "model.logits_chunk", 0),                                 # unchunked logits
 )
 
 

@@ -88,8 +88,7 @@ def _build_calm(config, ae_model_config):
 
 def _calm_terms(model, config):
   return terms.brier_sum_terms(functools.partial(
-      terms.calm_terms, model, position_batch=config.eval.position_batch,
-      num_samples=config.eval.brier_samples))
+      terms.calm_terms, model, num_samples=config.eval.brier_samples))
 
 
 STAGES = {
@@ -109,7 +108,7 @@ STAGES = {
         name="ar", needs_autoencoder=False,
         build=lambda config, _: ARLanguageModel(config.model, dtype=compute_dtype(config)),
         eval_terms=lambda model, config: terms.brier_sum_terms(functools.partial(
-            terms.ar_terms, model, position_batch=config.eval.position_batch)),
+            terms.ar_terms, model)),
         eval_result=functools.partial(_brier_result, loss_metrics=lambda loss, c: dict(
             cross_entropy=loss, perplexity=float(math.exp(min(loss, 700.0))))),
         chunk=lambda config: 1, sampler=decode.ar_sampler),

@@ -26,6 +26,10 @@ class ARLanguageModel(nn.Module):
   def _project(self, h_BxLxD):
     return constrain(self.lm_head(h_BxLxD), ("batch", "length", "act_vocab"))
 
+  def project(self, h_BxLxD):
+    """Backbone states -> logits_BxLxV (the compute dtype); for chunked consumers (eval)."""
+    return self._project(h_BxLxD)
+
   def logits(self, tokens_BxL):
     """Next-token logits_BxLxV (position i predicts token i+1), in the compute dtype."""
     return self._project(self.transformer(self.embed(tokens_BxL)))
@@ -47,5 +51,18 @@ class ARLanguageModel(nn.Module):
 
   def extend(self, tokens_BxT, cache):
     """Appends T tokens at cache['pos']; returns (logits_BxTxV, cache)."""
-    h, cache = self.transformer.extend(self.embed(tokens_BxT), cache)
+    h, cache = self.extend_states(tokens_BxT, cache)
     return self._project(h), cache
+
+  def extend_states(self, tokens_BxT, cache):
+    """extend without the vocab projection: (h_BxTxD, cache) (`project` gives the logits)."""
+    return self.transformer.extend(self.embed(tokens_BxT), cache)
+
+  def init_branches(self):
+    """Empty suffixes for the Brier continuations (transformer.init_branches)."""
+    return transformer_lib.init_branches(self.config)
+
+  def extend_branches(self, tokens_BxP, cache, branches):
+    """Token p continues position p of the prefilled cache; returns (h_BxPxD, branches)
+    (`project` gives the logits)."""
+    return self.transformer.extend_branches(self.embed(tokens_BxP), cache, branches)

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 
 from calm_jax.models.layers import Dense, apply_rope, constrain
 
-# Cache slots per block of prefix_attention (the decode path reads whole blocks).
-PREFIX_BLOCK = 256
+# Cache slots per block of prefix_attention and branch_attention: the decode path reads
+# whole blocks; a prefill or the Brier continuations hold [B, H, T, block] scores per block.
+PREFIX_BLOCK = 128
 
 
 def _implementation(q, k, has_mask):
@@ -41,44 +42,96 @@ def dot_product_attention(q_BxTxHxd, k_BxSxGxd, v_BxSxGxd, mask=None, is_causal=
                                       is_causal=is_causal, implementation=None)
 
 
+def _online_init(b, g, r, t, d):
+  """Running max, sum and weighted values of an online softmax, float32."""
+  return (jnp.full((b, g, r, t), -jnp.inf, jnp.float32), jnp.zeros((b, g, r, t), jnp.float32),
+          jnp.zeros((b, g, r, t, d), jnp.float32))
+
+
+def _online_update(carry, scores_BxGxRxTxS, weighted_values):
+  """Folds masked scores (-inf = hidden) into the carry; weighted_values(p) -> [B, G, R, T, d]."""
+  m, l, acc = carry
+  m_new = jnp.maximum(m, jnp.max(scores_BxGxRxTxS, axis=-1))
+  p = jnp.exp(scores_BxGxRxTxS - m_new[..., None])
+  correction = jnp.exp(m - m_new)
+  return (m_new, l * correction + jnp.sum(p, axis=-1),
+          acc * correction[..., None] + weighted_values(p))
+
+
+def _online_result(carry, dtype):
+  """[B, G, R, T, d] running sums -> the attention output [B, T, G*R, d]."""
+  _, l, acc = carry
+  o = acc / l[..., None]
+  b, g, r, t, d = o.shape
+  return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, t, g * r, d).astype(dtype)
+
+
+def _cache_blocks(q_BxTxGxRxd, k_BxSxGxd, v_BxSxGxd, last_T, num_blocks, blk, carry):
+  """Folds cache blocks 0..num_blocks-1 into the carry; query i sees keys 0..last_T[i].
+
+  The last block is shifted to end at slot S (no padding); keys an earlier block read
+  are masked out of it.
+  """
+  s, d = k_BxSxGxd.shape[1], q_BxTxGxRxd.shape[-1]
+  dtype = q_BxTxGxRxd.dtype
+
+  def body(j, carry):
+    start = jnp.minimum(j * blk, s - blk)
+    k_blk = jax.lax.dynamic_slice_in_dim(k_BxSxGxd, start, blk, axis=1).astype(dtype)
+    v_blk = jax.lax.dynamic_slice_in_dim(v_BxSxGxd, start, blk, axis=1).astype(dtype)
+    k_pos = start + jnp.arange(blk, dtype=jnp.int32)
+    visible_TxS = (k_pos[None, :] <= last_T[:, None]) & (k_pos[None, :] >= j * blk)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxd, k_blk,
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    return _online_update(carry, jnp.where(visible_TxS, scores, -jnp.inf), lambda p: jnp.einsum(
+        "bgrts,bsgd->bgrtd", p.astype(dtype), v_blk, preferred_element_type=jnp.float32))
+
+  return jax.lax.fori_loop(0, num_blocks, body, carry)
+
+
+def _grouped(q_BxTxHxd, g):
+  b, t, h, d = q_BxTxHxd.shape
+  return q_BxTxHxd.reshape(b, t, g, h // g, d)
+
+
 def prefix_attention(q_BxTxHxd, k_BxSxGxd, v_BxSxGxd, pos, block=PREFIX_BLOCK):
   """Queries at positions pos..pos+T-1 over cached keys 0..pos+i only, block by block.
 
   Reads ceil((pos + T) / block) blocks of the cache (online softmax, float32 statistics), so
   slots past the filled prefix cost nothing. Equals dot_product_attention with the mask
-  key <= query position. The last block is shifted to end at slot S (no padding needed).
+  key <= query position.
   """
   b, t, h, d = q_BxTxHxd.shape
-  s, g = k_BxSxGxd.shape[1], k_BxSxGxd.shape[2]
-  blk = min(block, s)
-  q_BxTxGxRxd = q_BxTxHxd.reshape(b, t, g, h // g, d)
-  q_pos_T = jnp.asarray(pos, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+  g = k_BxSxGxd.shape[2]
+  blk = min(block, k_BxSxGxd.shape[1])
+  last_T = jnp.asarray(pos, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+  num_blocks = (last_T[-1] + blk) // blk          # blocks holding keys 0..pos+T-1
+  carry = _cache_blocks(_grouped(q_BxTxHxd, g), k_BxSxGxd, v_BxSxGxd, last_T, num_blocks, blk,
+                        _online_init(b, g, h // g, t, d))
+  return _online_result(carry, q_BxTxHxd.dtype)
 
-  def body(j, carry):
-    m_BxGxRxT, l_BxGxRxT, acc_BxGxRxTxd = carry
-    start = jnp.minimum(j * blk, s - blk)
-    k_blk = jax.lax.dynamic_slice_in_dim(k_BxSxGxd, start, blk, axis=1).astype(q_BxTxHxd.dtype)
-    v_blk = jax.lax.dynamic_slice_in_dim(v_BxSxGxd, start, blk, axis=1).astype(q_BxTxHxd.dtype)
-    k_pos = start + jnp.arange(blk, dtype=jnp.int32)
-    # Keys before j * blk were read by earlier blocks (the last block may overlap them).
-    visible_TxS = (k_pos[None, :] <= q_pos_T[:, None]) & (k_pos[None, :] >= j * blk)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxd, k_blk,
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(visible_TxS, scores, -jnp.inf)
-    m_new = jnp.maximum(m_BxGxRxT, jnp.max(scores, axis=-1))
-    p = jnp.exp(scores - m_new[..., None])
-    correction = jnp.exp(m_BxGxRxT - m_new)
-    acc = acc_BxGxRxTxd * correction[..., None] + jnp.einsum(
-        "bgrts,bsgd->bgrtd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
-    return m_new, l_BxGxRxT * correction + jnp.sum(p, axis=-1), acc
 
-  stats = (b, g, h // g, t)
-  init = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
-          jnp.zeros(stats + (d,), jnp.float32))
-  num_blocks = (q_pos_T[-1] + blk) // blk          # blocks holding keys 0..pos+T-1
-  _, l_BxGxRxT, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-  o_BxGxRxTxd = acc / l_BxGxRxT[..., None]
-  return jnp.transpose(o_BxGxRxTxd, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q_BxTxHxd.dtype)
+def branch_attention(q_BxPxHxd, k_BxSxGxd, v_BxSxGxd, suffix_k, suffix_v, block=PREFIX_BLOCK):
+  """P branches at once: branch p sees prefix keys 0..p (shared) and its own suffix keys.
+
+  k/v_BxSxGxd: the prefix cache (S >= P slots; positions 0..P-1 read, block by block);
+  suffix_k/v: lists of [B, P, G, d], branch p's own tokens so far (its last query among
+  them). One softmax over both.
+  """
+  b, p, h, d = q_BxPxHxd.shape
+  g = k_BxSxGxd.shape[2]
+  q_BxPxGxRxd = _grouped(q_BxPxHxd, g)
+  blk = min(block, k_BxSxGxd.shape[1])
+  carry = _cache_blocks(q_BxPxGxRxd, k_BxSxGxd, v_BxSxGxd, jnp.arange(p, dtype=jnp.int32),
+                        -(-p // blk), blk, _online_init(b, g, h // g, p, d))
+  dtype = q_BxPxHxd.dtype
+  for k_BxPxGxd, v_BxPxGxd in zip(suffix_k, suffix_v):
+    score = jnp.einsum("bpgrd,bpgd->bgrp", q_BxPxGxRxd, k_BxPxGxd.astype(dtype),
+                       preferred_element_type=jnp.float32) * (d ** -0.5)
+    carry = _online_update(carry, score[..., None], lambda w, v=v_BxPxGxd: jnp.einsum(
+        "bgrp,bpgd->bgrpd", w[..., 0].astype(dtype), v.astype(dtype),
+        preferred_element_type=jnp.float32))
+  return _online_result(carry, dtype)
 
 
 class Attention(nn.Module):
@@ -128,3 +181,12 @@ class Attention(nn.Module):
     o = prefix_attention(q, k_cache, v_cache, pos)
     out = self.out(constrain(o, ("batch", "length", "act_heads", None)))
     return out, {"k": k_cache, "v": v_cache}
+
+  def extend_branches(self, x_BxPxD, kv, suffix):
+    """Branch p (after prefix positions 0..p of the cache kv) appends one token at position
+    p + 1 + J to its suffix {'k', 'v': lists of J arrays [B, P, G, d]}; returns (out, suffix)."""
+    p, j = x_BxPxD.shape[1], len(suffix["k"])
+    q, k, v = self._qkv(x_BxPxD, (jnp.arange(p) + 1 + j)[None])
+    suffix = {"k": suffix["k"] + [k], "v": suffix["v"] + [v]}
+    o = branch_attention(q, kv["k"], kv["v"], suffix["k"], suffix["v"])
+    return self.out(constrain(o, ("batch", "length", "act_heads", None))), suffix

@@ -14,6 +14,12 @@ the same with 256 or 4,096 slots. The cache path runs the layers one by one, sli
 scanned stack's params per layer. init_cache is a pure function of the config; extend
 appends T positions. Writing past S is not checked (dynamic_update_slice clamps): size
 the cache for the run.
+
+Branches (the Brier estimators' continuations): after a prefill of P positions, branch p
+continues from position p alone. extend_branches appends one token to every branch at once:
+branch p's token at position p + 1 + J attends to the shared prefix cache (keys 0..p,
+read-only) and to its own J earlier tokens, {'layers': [{'k', 'v': lists of J arrays
+[B, P, kv_heads, head_dim]}]} (init_branches: J = 0), so no branch copies the prefix cache.
 """
 import flax.linen as nn
 import jax
@@ -26,6 +32,11 @@ REMAT_POLICIES = {
     "full": None,                                                   # save nothing
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
+
+
+def init_branches(model_config):
+  """Empty branch suffixes (no token yet; see the module docstring)."""
+  return {"layers": [{"k": [], "v": []} for _ in range(model_config.layers)]}
 
 
 def head_dim(model_config):
@@ -43,22 +54,26 @@ def init_cache(model_config, batch_size, max_len, dtype=jnp.float32):
 class Block(nn.Module):
   """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-  __call__(x, kv, pos) -> (x, kv): kv=None is the training path (full causal
-  attention); otherwise kv is this layer's cache and the T inputs go at pos.
+  __call__(x, kv, pos, suffix) -> (x, kv): kv=None is the training path (full causal
+  attention); otherwise kv is this layer's cache and the T inputs go at pos; with a suffix,
+  x holds one token per branch (attention.extend_branches) and the suffix comes back in
+  place of kv.
   """
   config: object
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, kv, pos):
+  def __call__(self, x_BxTxD, kv, pos, suffix=None):
     c = self.config
     attn = Attention(c.hidden, c.heads, c.kv_heads, c.rope_theta, c.init_std,
                      dtype=self.dtype, name="attn")
     h = RMSNorm(c.norm_eps, dtype=self.dtype, name="attn_norm")(x_BxTxD)
     if kv is None:
       h = attn(h)
-    else:
+    elif suffix is None:
       h, kv = attn.extend(h, kv, pos)
+    else:
+      h, kv = attn.extend_branches(h, kv, suffix)
     x = constrain(x_BxTxD + h, ("batch", "length", "act_embed"))
     h = RMSNorm(c.norm_eps, dtype=self.dtype, name="mlp_norm")(x)
     h = MLP(c.hidden, c.mlp, c.init_std, dtype=self.dtype, name="mlp")(h)
@@ -100,24 +115,30 @@ class Transformer(nn.Module):
       return {"params": jax.tree.map(lambda a: a[i], params["layers"])}
     return {"params": params[f"layers_{i}"]}
 
-  def _cached_blocks(self, x_BxTxD, cache):
-    """The cache path: the layers one by one, each extending its own cache in place."""
+  def _cached_blocks(self, x_BxTxD, cache, branches):
+    """The cache path: the layers one by one, each extending its own cache (or, with
+    branches, its suffix cache) in place; returns (x, the updated per-layer caches)."""
     block = Block(self.config, dtype=self.dtype, parent=None)
     layers = []
     for i, kv in enumerate(cache["layers"]):
-      x_BxTxD, kv = block.apply(self._layer_variables(i), x_BxTxD, kv, cache["pos"])
+      extra = (cache["pos"],) if branches is None else (None, branches["layers"][i])
+      x_BxTxD, kv = block.apply(self._layer_variables(i), x_BxTxD, kv, *extra)
       layers.append(kv)
     return x_BxTxD, layers
 
   @nn.compact
-  def __call__(self, x_BxLxD, cache=None):
-    """h_BxLxD for positions 0..L-1; with a cache, extend(x, cache) (returns (h, cache))."""
+  def __call__(self, x_BxLxD, cache=None, branches=None):
+    """h_BxLxD for positions 0..L-1; with a cache, extend(x, cache) (returns (h, cache));
+    with branches too, extend_branches (returns (h, branches))."""
     x = constrain(jnp.asarray(x_BxLxD, self.dtype), ("batch", "length", "act_embed"))
     if cache is None:
       x = self._blocks(x)
-    else:
-      x, layers = self._cached_blocks(x, cache)
+    elif branches is None:
+      x, layers = self._cached_blocks(x, cache, None)
       cache = {"layers": layers, "pos": cache["pos"] + x_BxLxD.shape[1]}
+    else:
+      x, layers = self._cached_blocks(x, cache, branches)
+      cache = {"layers": layers}
     h = RMSNorm(self.config.norm_eps, dtype=self.dtype, name="final_norm")(x)
     return h if cache is None else (h, cache)
 
@@ -125,3 +146,7 @@ class Transformer(nn.Module):
     """Incremental decoding: appends T positions at cache['pos']; returns (h_BxTxD, cache)."""
     return self(x_BxTxD, cache)
 
+  def extend_branches(self, x_BxPxD, cache, branches):
+    """One token per branch (branch p continues from position p of the prefilled cache);
+    returns (h_BxPxD, branches). The cache is only read."""
+    return self(x_BxPxD, cache, branches)

@@ -75,6 +75,7 @@ _ADDED_FIELDS = (
     ("calm", "model.targets_bf16_embeddings_in_training", False),
     ("calm", "autoencoder.digest", ""),
     ("ar", "model.logits_chunk", 0),                                 # unchunked logits
+    ("calm", "model.logits_chunk", 0),
 )
 
 

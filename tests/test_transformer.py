@@ -132,20 +132,21 @@ def test_decode_step_updates_the_cache_in_place_and_reads_only_the_prefix(params
   assert memory.temp_size_in_bytes < 0.25 * cache_bytes
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_branches_equal_recomputing_each_continuation(params, scan_layers):
-  """Branch p continues the prefix x[:, :p+1] with its own tokens: extend_branches over all
-  branches at once (shared prefix cache, per-branch suffix caches) equals a full forward of
+@pytest.mark.parametrize("scan_layers,start", [(True, 0), (False, 2)])
+def test_branches_equal_recomputing_each_continuation(params, scan_layers, start):
+  """Branch p continues the prefix x[:, :start+p+1] with its own tokens: extend_branches over
+  the branches at once (shared prefix cache, per-branch suffixes) equals a full forward of
   each branch's sequence."""
   c = tiny_config(scan_layers)
   model = transformer.Transformer(c)
   prefix, steps = 5, 2
-  cont = np.random.RandomState(7).randn(2, prefix, steps, 32).astype(np.float32)
+  branches_n = prefix - start
+  cont = np.random.RandomState(7).randn(2, branches_n, steps, 32).astype(np.float32)
 
   @jax.jit
   def run(v, x, cont):
     _, cache = model.apply(v, x[:, :prefix], transformer.init_cache(c, 2, prefix), method="extend")
-    branches = transformer.init_branches(c)
+    branches = transformer.init_branches(c, start)
     hs = []
     for j in range(steps):
       h, branches = model.apply(v, cont[:, :, j], cache, branches, method="extend_branches")
@@ -155,7 +156,7 @@ def test_branches_equal_recomputing_each_continuation(params, scan_layers):
   got_BxPxJxD, branches = run(params[scan_layers], X, cont)
   assert [len(layer["k"]) for layer in branches["layers"]] == [steps] * c.layers
   full = jax.jit(model.apply)
-  for p in range(prefix):
-    seq = np.concatenate([X[:, :p + 1], cont[:, p]], axis=1)
-    want = full(params[scan_layers], seq)[:, p + 1:]
+  for p in range(branches_n):
+    seq = np.concatenate([X[:, :start + p + 1], cont[:, p]], axis=1)
+    want = full(params[scan_layers], seq)[:, start + p + 1:]
     np.testing.assert_allclose(got_BxPxJxD[:, p], want, rtol=1e-5, atol=1e-5)

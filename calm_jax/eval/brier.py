@@ -100,8 +100,10 @@ def softmax_stats(logits_xV):
   logits (no [..., V] temporary: log_softmax or 2 * logits would each be one)."""
   logits_xV = logits_xV.astype(jnp.float32)
   max_x = jax.lax.stop_gradient(jnp.max(logits_xV, axis=-1))
-  sum1_x = jnp.sum(jnp.exp(logits_xV - max_x[..., None]), axis=-1)
-  sum2_x = jnp.sum(jnp.exp(2.0 * (logits_xV - max_x[..., None])), axis=-1)
+  e_xV = jnp.exp(logits_xV - max_x[..., None])
+  # One variadic reduction of (e, e^2): XLA fuses e into it instead of storing it.
+  sum1_x, sum2_x = jax.lax.reduce((e_xV, e_xV * e_xV), (0.0, 0.0),
+                                  lambda a, b: (a[0] + b[0], a[1] + b[1]), (e_xV.ndim - 1,))
   return max_x + jnp.log(sum1_x), sum2_x / jnp.square(sum1_x)
 
 

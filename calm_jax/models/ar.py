@@ -58,11 +58,12 @@ class ARLanguageModel(nn.Module):
     """extend without the vocab projection: (h_BxTxD, cache) (`project` gives the logits)."""
     return self.transformer.extend(self.embed(tokens_BxT), cache)
 
-  def init_branches(self):
-    """Empty suffixes for the Brier continuations (transformer.init_branches)."""
-    return transformer_lib.init_branches(self.config)
+  def init_branches(self, start=0):
+    """Branches from positions start, start+1, ... for the Brier continuations
+    (transformer.init_branches)."""
+    return transformer_lib.init_branches(self.config, start)
 
   def extend_branches(self, tokens_BxP, cache, branches):
-    """Token p continues position p of the prefilled cache; returns (h_BxPxD, branches)
-    (`project` gives the logits)."""
+    """Token p continues position start + p of the prefilled cache; returns (h_BxPxD,
+    branches) (`project` gives the logits)."""
     return self.transformer.extend_branches(self.embed(tokens_BxP), cache, branches)

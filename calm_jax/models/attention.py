@@ -111,10 +111,11 @@ def prefix_attention(q_BxTxHxd, k_BxSxGxd, v_BxSxGxd, pos, block=PREFIX_BLOCK):
   return _online_result(carry, q_BxTxHxd.dtype)
 
 
-def branch_attention(q_BxPxHxd, k_BxSxGxd, v_BxSxGxd, suffix_k, suffix_v, block=PREFIX_BLOCK):
-  """P branches at once: branch p sees prefix keys 0..p (shared) and its own suffix keys.
+def branch_attention(q_BxPxHxd, k_BxSxGxd, v_BxSxGxd, suffix_k, suffix_v, start,
+                     block=PREFIX_BLOCK):
+  """P branches at once: branch p sees prefix keys 0..start+p (shared) and its own suffix keys.
 
-  k/v_BxSxGxd: the prefix cache (S >= P slots; positions 0..P-1 read, block by block);
+  k/v_BxSxGxd: the prefix cache (read block by block, up to position start + P - 1);
   suffix_k/v: lists of [B, P, G, d], branch p's own tokens so far (its last query among
   them). One softmax over both.
   """
@@ -122,8 +123,9 @@ def branch_attention(q_BxPxHxd, k_BxSxGxd, v_BxSxGxd, suffix_k, suffix_v, block=
   g = k_BxSxGxd.shape[2]
   q_BxPxGxRxd = _grouped(q_BxPxHxd, g)
   blk = min(block, k_BxSxGxd.shape[1])
-  carry = _cache_blocks(q_BxPxGxRxd, k_BxSxGxd, v_BxSxGxd, jnp.arange(p, dtype=jnp.int32),
-                        -(-p // blk), blk, _online_init(b, g, h // g, p, d))
+  last_P = jnp.asarray(start, jnp.int32) + jnp.arange(p, dtype=jnp.int32)
+  carry = _cache_blocks(q_BxPxGxRxd, k_BxSxGxd, v_BxSxGxd, last_P, (last_P[-1] + blk) // blk, blk,
+                        _online_init(b, g, h // g, p, d))
   dtype = q_BxPxHxd.dtype
   for k_BxPxGxd, v_BxPxGxd in zip(suffix_k, suffix_v):
     score = jnp.einsum("bpgrd,bpgd->bgrp", q_BxPxGxRxd, k_BxPxGxd.astype(dtype),
@@ -182,11 +184,12 @@ class Attention(nn.Module):
     out = self.out(constrain(o, ("batch", "length", "act_heads", None)))
     return out, {"k": k_cache, "v": v_cache}
 
-  def extend_branches(self, x_BxPxD, kv, suffix):
-    """Branch p (after prefix positions 0..p of the cache kv) appends one token at position
-    p + 1 + J to its suffix {'k', 'v': lists of J arrays [B, P, G, d]}; returns (out, suffix)."""
+  def extend_branches(self, x_BxPxD, kv, suffix, start):
+    """Branch p (after prefix positions 0..start+p of the cache kv) appends one token at
+    position start + p + 1 + J to its suffix {'k', 'v': lists of J arrays [B, P, G, d]};
+    returns (out, suffix)."""
     p, j = x_BxPxD.shape[1], len(suffix["k"])
-    q, k, v = self._qkv(x_BxPxD, (jnp.arange(p) + 1 + j)[None])
+    q, k, v = self._qkv(x_BxPxD, (start + jnp.arange(p) + 1 + j)[None])
     suffix = {"k": suffix["k"] + [k], "v": suffix["v"] + [v]}
-    o = branch_attention(q, kv["k"], kv["v"], suffix["k"], suffix["v"])
+    o = branch_attention(q, kv["k"], kv["v"], suffix["k"], suffix["v"], start)
     return self.out(constrain(o, ("batch", "length", "act_heads", None))), suffix

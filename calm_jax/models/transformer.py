@@ -15,11 +15,12 @@ scanned stack's params per layer. init_cache is a pure function of the config; e
 appends T positions. Writing past S is not checked (dynamic_update_slice clamps): size
 the cache for the run.
 
-Branches (the Brier estimators' continuations): after a prefill of P positions, branch p
-continues from position p alone. extend_branches appends one token to every branch at once:
-branch p's token at position p + 1 + J attends to the shared prefix cache (keys 0..p,
-read-only) and to its own J earlier tokens, {'layers': [{'k', 'v': lists of J arrays
-[B, P, kv_heads, head_dim]}]} (init_branches: J = 0), so no branch copies the prefix cache.
+Branches (the Brier estimators' continuations): after a prefill of the cache, branch p
+continues from position start + p alone. extend_branches appends one token to each of the
+P branches at once: branch p's token at position start + p + 1 + J attends to the shared
+prefix cache (keys 0..start+p, read-only) and to its own J earlier tokens, {'layers':
+[{'k', 'v': lists of J arrays [B, P, kv_heads, head_dim]}], 'start': int32[]}
+(init_branches: J = 0), so no branch copies the prefix cache.
 """
 import flax.linen as nn
 import jax
@@ -34,9 +35,10 @@ REMAT_POLICIES = {
 }
 
 
-def init_branches(model_config):
-  """Empty branch suffixes (no token yet; see the module docstring)."""
-  return {"layers": [{"k": [], "v": []} for _ in range(model_config.layers)]}
+def init_branches(model_config, start=0):
+  """Branches from positions start, start+1, ... with no token yet (see the module docstring)."""
+  return {"layers": [{"k": [], "v": []} for _ in range(model_config.layers)],
+          "start": jnp.asarray(start, jnp.int32)}
 
 
 def head_dim(model_config):
@@ -56,8 +58,8 @@ class Block(nn.Module):
 
   __call__(x, kv, pos, suffix) -> (x, kv): kv=None is the training path (full causal
   attention); otherwise kv is this layer's cache and the T inputs go at pos; with a suffix,
-  x holds one token per branch (attention.extend_branches) and the suffix comes back in
-  place of kv.
+  x holds one token per branch (attention.extend_branches, the first branching at pos) and
+  the suffix comes back in place of kv.
   """
   config: object
   dtype: jnp.dtype = jnp.float32
@@ -73,7 +75,7 @@ class Block(nn.Module):
     elif suffix is None:
       h, kv = attn.extend(h, kv, pos)
     else:
-      h, kv = attn.extend_branches(h, kv, suffix)
+      h, kv = attn.extend_branches(h, kv, suffix, pos)
     x = constrain(x_BxTxD + h, ("batch", "length", "act_embed"))
     h = RMSNorm(c.norm_eps, dtype=self.dtype, name="mlp_norm")(x)
     h = MLP(c.hidden, c.mlp, c.init_std, dtype=self.dtype, name="mlp")(h)
@@ -121,7 +123,8 @@ class Transformer(nn.Module):
     block = Block(self.config, dtype=self.dtype, parent=None)
     layers = []
     for i, kv in enumerate(cache["layers"]):
-      extra = (cache["pos"],) if branches is None else (None, branches["layers"][i])
+      extra = ((cache["pos"],) if branches is None
+               else (branches["start"], branches["layers"][i]))
       x_BxTxD, kv = block.apply(self._layer_variables(i), x_BxTxD, kv, *extra)
       layers.append(kv)
     return x_BxTxD, layers
@@ -138,7 +141,7 @@ class Transformer(nn.Module):
       cache = {"layers": layers, "pos": cache["pos"] + x_BxLxD.shape[1]}
     else:
       x, layers = self._cached_blocks(x, cache, branches)
-      cache = {"layers": layers}
+      cache = {"layers": layers, "start": branches["start"]}
     h = RMSNorm(self.config.norm_eps, dtype=self.dtype, name="final_norm")(x)
     return h if cache is None else (h, cache)
 

@@ -170,3 +170,33 @@ def test_prefix_attention_reads_blocks_of_the_filled_prefix(t, kv_heads):
     garbage_v[:, pos + t:] = 1e4
     got = run(q, garbage_k, garbage_v, pos)
     np.testing.assert_allclose(got, attention_numpy(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_choice_cudnn_only_for_gpu_half_precision_causal(monkeypatch):
+  """cuDNN flash attention on a GPU for bf16/fp16 causal attention without an explicit mask
+  (head_dim a multiple of 8, at most 128); the XLA path everywhere else."""
+  q = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
+  assert attention._implementation(q, q, has_mask=False) is None          # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention._implementation(q, q, has_mask=False) == "cudnn"
+  assert attention._implementation(q, q, has_mask=True) is None
+  assert attention._implementation(q.astype(jnp.float32), q, has_mask=False) is None
+  assert attention._implementation(jnp.zeros((1, 4, 2, 12), jnp.bfloat16), q, False) is None
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_attention_paths_agree_on_cpu(dtype, tol):
+  """The training kernel (jax.nn.dot_product_attention, is_causal), the same with an explicit
+  mask, and the cache path (prefix_attention over a prefilled cache, blocks of 4) give the
+  causal softmax attention of numpy, in float32 and bfloat16."""
+  rs = np.random.RandomState(8)
+  q, k, v = (rs.randn(2, 10, h, 16).astype(np.float32) for h in (4, 2, 2))
+  want = attention_numpy(q, k, v, np.tril(np.ones((10, 10), bool)))
+  cast = lambda a: jnp.asarray(a, dtype)
+  causal = attention.dot_product_attention(cast(q), cast(k), cast(v), is_causal=True)
+  masked = attention.dot_product_attention(cast(q), cast(k), cast(v),
+                                           mask=jnp.tril(jnp.ones((10, 10), bool))[None, None])
+  cached = attention.prefix_attention(cast(q), cast(k), cast(v), 0, block=4)
+  for got in (causal, masked, cached):
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)

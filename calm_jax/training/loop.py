@@ -29,6 +29,7 @@ from calm_jax.data import sources
 from calm_jax.eval import evaluator
 from calm_jax.eval import terms
 from calm_jax.parallel import distributed
+from calm_jax.parallel import peak
 from calm_jax.parallel import sharding
 from calm_jax.training import metrics as metrics_lib
 from calm_jax.training import preemption
@@ -147,8 +148,10 @@ def _compile_for_processes(train_step, eval_step, state, frozen, config, batch_s
 class _Bookkeeping:
   """The loop's host side: metrics pulled one step late, nan_policy='halt', checkpoint saves."""
 
-  def __init__(self, config, state, ckpt, writer, bar):
+  def __init__(self, config, state, ckpt, writer, bar, flops_per_token=None, devices=()):
     self.config, self.ckpt, self.writer, self.bar = config, ckpt, writer, bar
+    # flops_per_token and mfu in the log: the analytic count (models/flops.py), the mesh's chips
+    self.flops_per_token, self.devices = flops_per_token, list(devices)
     self.start = int(jax.device_get(state.step))
     self.skipped_at_start = int(jax.device_get(state.skipped))
     self.completed = self.saved = self.start     # updates in the state; the newest saved step
@@ -180,6 +183,9 @@ class _Bookkeeping:
     metrics["tokens_per_s"] = ((step - self.step_last) * self.tokens_per_step
                                / max(now - self.t_last, 1e-9))
     self.t_last, self.step_last = now, step
+    if self.flops_per_token:
+      metrics.update(peak.utilisation_metrics(self.flops_per_token, metrics["tokens_per_s"],
+                                              self.devices))
     self.writer.write(step, metrics)
     self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     self.last_logged = metrics
@@ -264,7 +270,8 @@ def train_and_evaluate(config, workdir, devices=None):
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_primary)
     bar = tqdm.tqdm(total=config.train.steps, initial=int(jax.device_get(state.step)),
                     desc=config.stage, disable=not is_primary, dynamic_ncols=True, file=sys.stdout)
-    book = _Bookkeeping(config, state, ckpt, writer, bar)
+    book = _Bookkeeping(config, state, ckpt, writer, bar, stages.train_flops_per_token(
+        config, ae_config.model if ae_config else None)["total"], mesh.devices.flat)
     try:
       _loop(config, book, state, frozen, train_step, train_iter, batch_sharding, evaluate)
     finally:

@@ -95,7 +95,7 @@ def train_step_flops(config, ae_config, mesh, axis_rules):
   unrolled.model.scan_layers = False
   parts = state_lib.build(unrolled, mesh, axis_rules, ae_config=ae_config)
   report = compile_lib.compile_train_step(unrolled, parts, mesh, axis_rules)
-  per_device = report.get("flops_per_step_per_device")
+  per_device = report.get("xla_flops_per_step_per_device")
   return per_device * report["devices"] if per_device is not None else None
 
 
@@ -111,10 +111,11 @@ class TrainBench:
   """A compiled train step with random params (and a random frozen autoencoder for CALM).
 
   Use inside sharding.activate(mesh, rules). Attributes: parts (training.state.build),
-  compiled, state, frozen, flops_per_step (train_step_flops), compile_s, params.
+  compiled, state, frozen, flops_per_step (train_step_flops; None with count_flops=False:
+  the unrolled compile takes minutes at size M), compile_s, params.
   """
 
-  def __init__(self, config, ae_config, mesh, axis_rules, seed=0):
+  def __init__(self, config, ae_config, mesh, axis_rules, seed=0, count_flops=True):
     self.config = config
     self.parts = parts = state_lib.build(config, mesh, axis_rules, ae_config=ae_config)
     self.params = param_groups(parts["abstract_state"].params, parts["abstract_frozen"])
@@ -132,7 +133,8 @@ class TrainBench:
     start = time.perf_counter()
     self.compiled = step.lower(self.state, self.frozen, self.batch, self.rng).compile()
     self.compile_s = time.perf_counter() - start
-    self.flops_per_step = train_step_flops(config, ae_config, mesh, axis_rules)
+    self.flops_per_step = (train_step_flops(config, ae_config, mesh, axis_rules) if count_flops
+                           else None)
 
   def time_steps(self, warmup, repeats):
     """Seconds of each of `repeats` steps after `warmup` untimed ones (each waited for)."""

@@ -78,6 +78,8 @@ _ADDED_FIELDS = (
     ("calm", "autoencoder.digest", ""),
     # data.skip_bad_records=True skipped any number of bad lines (dropped on load, below).
     (None, "data.max_bad_fraction", lambda c: 1.0 if c.data.get("skip_bad_records") else 0.001),
+    ("ar", "model.logits_chunk", 0),                                 # unchunked logits
+    ("calm", "model.logits_chunk", 0),
 )
 # Fields that were replaced; a saved config's value is read by _ADDED_FIELDS, then dropped.
 _REMOVED_FIELDS = ("data.skip_bad_records",)

@@ -20,6 +20,7 @@ from calm_jax import errors
 from calm_jax.eval import brier
 from calm_jax.eval import terms
 from calm_jax.models import compute_dtype
+from calm_jax.models import flops
 from calm_jax.models.ar import ARLanguageModel
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.models.calm import CALM
@@ -38,6 +39,8 @@ class Stage:
   eval_result(totals, config) -> the metrics of those sums.
   chunk: tokens per prediction step (the unigram baseline's stride), None without Brier-n.
   sampler(model, config, sampling, ids) -> decode.Sampler, None when the stage cannot generate.
+  train_flops(model_config, seq_len, ae_model_config) -> analytic train FLOPs per token
+    (models/flops.py: {'weights', 'attention', 'head', 'frozen_encoder', 'total'}).
   """
   name: str
   needs_autoencoder: bool
@@ -46,6 +49,7 @@ class Stage:
   eval_result: Callable[..., dict]
   chunk: Optional[Callable[[Any], int]]
   sampler: Optional[Callable[..., Any]]
+  train_flops: Callable[..., dict]
   validate: Callable[[Any, bool], None] = lambda config, require_autoencoder: None
 
 
@@ -88,8 +92,7 @@ def _build_calm(config, ae_model_config):
 
 def _calm_terms(model, config):
   return terms.brier_sum_terms(functools.partial(
-      terms.calm_terms, model, position_batch=config.eval.position_batch,
-      num_samples=config.eval.brier_samples))
+      terms.calm_terms, model, num_samples=config.eval.brier_samples))
 
 
 STAGES = {
@@ -98,21 +101,22 @@ STAGES = {
         build=lambda config, _: Autoencoder(config.model, dtype=compute_dtype(config),
                                             noise_sigmas=tuple(config.eval.noise_sigmas)),
         eval_terms=lambda model, config: terms.model_metric_terms(model),
-        eval_result=_autoencoder_result, chunk=None, sampler=None),
+        eval_result=_autoencoder_result, chunk=None, sampler=None,
+        train_flops=flops.autoencoder_train),
     "calm": Stage(
         name="calm", needs_autoencoder=True, build=_build_calm, eval_terms=_calm_terms,
         eval_result=functools.partial(
             _brier_result, loss_metrics=lambda loss, c: {f"{c.model.head}_loss": loss}),
         chunk=lambda config: config.model.patch_size, sampler=decode.calm_sampler,
-        validate=_validate_calm),
+        train_flops=flops.calm_train, validate=_validate_calm),
     "ar": Stage(
         name="ar", needs_autoencoder=False,
         build=lambda config, _: ARLanguageModel(config.model, dtype=compute_dtype(config)),
         eval_terms=lambda model, config: terms.brier_sum_terms(functools.partial(
-            terms.ar_terms, model, position_batch=config.eval.position_batch)),
+            terms.ar_terms, model)),
         eval_result=functools.partial(_brier_result, loss_metrics=lambda loss, c: dict(
             cross_entropy=loss, perplexity=float(math.exp(min(loss, 700.0))))),
-        chunk=lambda config: 1, sampler=decode.ar_sampler),
+        chunk=lambda config: 1, sampler=decode.ar_sampler, train_flops=flops.ar_train),
 }
 
 
@@ -121,6 +125,11 @@ def get(config):
   if config.stage not in STAGES:
     raise config_lib.ConfigError(f"config.stage={config.stage!r}: must be one of {NAMES}.")
   return STAGES[config.stage]
+
+
+def train_flops_per_token(config, ae_model_config=None):
+  """The stage's analytic train FLOPs per token (models/flops.py) at config.data.seq_len."""
+  return get(config).train_flops(config.model, config.data.seq_len, ae_model_config)
 
 
 def validate(config, require_autoencoder=True):

@@ -29,6 +29,8 @@ def get_config(arg=None):
   config = common.run_config("ar", arg.mesh, s)
   config.eval.block_len = s["seq_len"]     # the paper evaluates the AR baseline on 2048-token blocks
   config.model = common.backbone_config(arg.size, s["vocab_size"], patch_size=1)
+  config.model.logits_chunk = 512        # positions whose float32 logits exist at once (loss and
+                                         # eval, losses.map_chunks); 0: the whole sequence
   if arg.recipe == "paper" and arg.size not in ("S", "M", "L"):
     raise ValueError(f"ar_baseline.py: recipe=paper is train_ar.sh: use size=S|M|L "
                      f"(got size={arg.size}).")

@@ -55,6 +55,8 @@ def get_config(arg=None):
   model.diffusion_sample_steps = 100        # diffusion head: DDIM-style steps at sampling
   model.head_batch_mul = 4                  # flow/diffusion: noise draws per position in training
   model.layer_norm_eps = 1e-6               # the LayerNorms of compress and heads (reference: 1e-6)
+  model.logits_chunk = 128                  # eval: positions whose head samples are decoded (float32
+                                            # [B, C, K, V] logits) and continued at once; 0: all
   # Training targets from bfloat16-rounded embeddings, as the reference's frozen encoder
   # computes them in training mode (recipe=paper does the same).
   model.targets_bf16_embeddings_in_training = False

@@ -162,8 +162,6 @@ def eval_config():
       brier_samples=2,                  # CALM: head samples per position for Brier-n (2: the
                                         # paper's estimator; more: same mean, less variance)
       unigram_tokens=1_000_000,         # training tokens counted for the unigram baseline's Brier-n
-      position_batch=32,                # positions whose extra AR steps (Brier-n when n > K) run
-                                        # together, each with its own KV-cache copy; lower on OOM
   ))
 
 

@@ -15,11 +15,15 @@ pytestmark = pytest.mark.unit
 RNG = jax.random.key(0, impl="unsafe_rbg")
 
 
-def tiny_model(scan_layers=True):
+def _with_chunk(logits_chunk, scan_layers=True):
   config = ar_baseline.get_config("size=tiny")
   config.model.update(vocab_size=48, hidden=32, mlp=64, layers=2, heads=4, kv_heads=2,
-                      scan_layers=scan_layers, init_std=0.02)
-  return build_model(config)
+                      scan_layers=scan_layers, init_std=0.02, logits_chunk=logits_chunk)
+  return config
+
+
+def tiny_model(scan_layers=True):
+  return build_model(_with_chunk(0, scan_layers))
 
 
 def make_batch(b=2, l=9, seed=0):
@@ -52,11 +56,30 @@ def test_loss_is_masked_next_token_cross_entropy():
   assert spec["lm_head"]["kernel"] == jax.P("embed", "vocab")
 
 
+def test_chunked_loss_equals_whole_logits_loss_and_gradients():
+  """logits_chunk=3 over 8 target positions (chunks of 3, 3, 2+padding) gives the loss and
+  gradients of the unchunked loss, and no [B, L, V] logits array is formed."""
+  batch = make_batch(b=2, l=9)
+  model, chunked = tiny_model(), build_model(_with_chunk(3))
+  v = nn.unbox(jax.jit(model.init)({"params": RNG}, batch))
+
+  def loss_and_grads(m):
+    return jax.jit(jax.value_and_grad(lambda p: m.apply(p, batch)[0]))(v)
+
+  (loss, grads), (loss_c, grads_c) = loss_and_grads(model), loss_and_grads(chunked)
+  np.testing.assert_allclose(loss_c, loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  jaxpr = jax.make_jaxpr(lambda p: chunked.apply(p, batch)[0])(v)
+  shapes = [tuple(var.aval.shape) for e in jaxpr.jaxpr.eqns for var in e.outvars]
+  assert (2, 8, 48) not in shapes
+
+
 def test_extend_equals_logits():
   model = tiny_model()
   tokens = make_batch(l=8)["tokens"]
   cache = model.init_cache(2, 12)           # no params needed
-  assert cache["k"].shape == (2, 2, 12, 2, 8)
+  assert cache["layers"][0]["k"].shape == (2, 12, 2, 8) and len(cache["layers"]) == 2
 
   @jax.jit
   def run(tokens, cache):

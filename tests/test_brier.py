@@ -109,6 +109,28 @@ def test_sum_sq_probs():
   np.testing.assert_allclose(brier.sum_sq_probs(jnp.asarray(logits)), (p ** 2).sum(-1), rtol=1e-5)
 
 
+def test_softmax_stats():
+  logits = np.random.default_rng(1).normal(size=(3, 7)) * 4 + 50.0
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  lse, sum_sq = brier.softmax_stats(jnp.asarray(logits, jnp.float32))
+  np.testing.assert_allclose(lse, np.log(np.exp(logits - 50.0).sum(-1)) + 50.0, rtol=1e-6)
+  np.testing.assert_allclose(sum_sq, (p ** 2).sum(-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("v", [11, 12])      # 11: tiles of 4, the last one padded; 12: no padding
+def test_two_stage_categorical_is_softmax_distributed(v):
+  import jax
+  logits = np.random.default_rng(v).normal(size=v) * 1.5
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  draws = 40000
+  x = brier.sample_categorical(jax.random.key(0), jnp.broadcast_to(jnp.asarray(logits), (draws, v)))
+  freq = np.bincount(np.asarray(x), minlength=v) / draws
+  assert x.dtype == jnp.int32 and freq.shape == (v,)
+  np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / draws).max())
+
+
 def test_ngram_windows_and_valid():
   x_BxL = jnp.array([[10, 11, 12, 13, 14, 15]])
   np.testing.assert_array_equal(brier.ngram_windows(x_BxL, 3)[0, 4], [14, 15, 0])

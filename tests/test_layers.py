@@ -150,3 +150,53 @@ def test_gqa_kernel_matches_numpy_with_mask():
   mask = np.arange(5)[None, :] <= (2 + np.arange(3))[:, None]     # queries at positions 2..4
   got = attention.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[None, None])
   np.testing.assert_allclose(got, attention_numpy(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,kv_heads", [(1, 2), (3, 1), (3, 4)])
+def test_prefix_attention_reads_blocks_of_the_filled_prefix(t, kv_heads):
+  """Block-wise attention over the cache (blocks of 4 slots; 10 slots, so the last block
+  overlaps the one before) equals softmax attention with the mask key <= query position,
+  for every fill level; slots past the prefix hold garbage that must not leak in."""
+  rs = np.random.RandomState(6)
+  s = 10
+  q = rs.randn(2, t, 4, 8).astype(np.float32)
+  k = rs.randn(2, s, kv_heads, 8).astype(np.float32)
+  v = rs.randn(2, s, kv_heads, 8).astype(np.float32)
+  run = jax.jit(lambda q, k, v, pos: attention.prefix_attention(q, k, v, pos, block=4))
+  for pos in range(0, s - t + 1):
+    mask = np.arange(s)[None, :] <= (pos + np.arange(t))[:, None]
+    garbage_k, garbage_v = k.copy(), v.copy()
+    garbage_k[:, pos + t:] = 1e4
+    garbage_v[:, pos + t:] = 1e4
+    got = run(q, garbage_k, garbage_v, pos)
+    np.testing.assert_allclose(got, attention_numpy(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_choice_cudnn_only_for_gpu_half_precision_causal(monkeypatch):
+  """cuDNN flash attention on a GPU for bf16/fp16 causal attention without an explicit mask
+  (head_dim a multiple of 8, at most 128); the XLA path everywhere else."""
+  q = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
+  assert attention._implementation(q, q, has_mask=False) is None          # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention._implementation(q, q, has_mask=False) == "cudnn"
+  assert attention._implementation(q, q, has_mask=True) is None
+  assert attention._implementation(q.astype(jnp.float32), q, has_mask=False) is None
+  assert attention._implementation(jnp.zeros((1, 4, 2, 12), jnp.bfloat16), q, False) is None
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_attention_paths_agree_on_cpu(dtype, tol):
+  """The training kernel (jax.nn.dot_product_attention, is_causal), the same with an explicit
+  mask, and the cache path (prefix_attention over a prefilled cache, blocks of 4) give the
+  causal softmax attention of numpy, in float32 and bfloat16."""
+  rs = np.random.RandomState(8)
+  q, k, v = (rs.randn(2, 10, h, 16).astype(np.float32) for h in (4, 2, 2))
+  want = attention_numpy(q, k, v, np.tril(np.ones((10, 10), bool)))
+  cast = lambda a: jnp.asarray(a, dtype)
+  causal = attention.dot_product_attention(cast(q), cast(k), cast(v), is_causal=True)
+  masked = attention.dot_product_attention(cast(q), cast(k), cast(v),
+                                           mask=jnp.tril(jnp.ones((10, 10), bool))[None, None])
+  cached = attention.prefix_attention(cast(q), cast(k), cast(v), 0, block=4)
+  for got in (causal, masked, cached):
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)

@@ -110,3 +110,30 @@ def test_ar_generation_with_cache_equals_full_recompute_and_top1_is_greedy():
   got = decode.until_eos(greedy[0], SP)
   want = decode.until_eos(seq[0, prompt_BxP.shape[1]:], SP)
   assert got == want
+
+
+def test_calm_draw_reduces_decoder_logits_tile_by_tile(tiny_calm):
+  """200 draws for 4 rows with a budget of 25 rows of logits: no [S*B, K, V] array is ever
+  formed (the largest [..., K, V] one holds one tile), and the draws are valid tokens."""
+  model, params, config = tiny_calm
+  k, v = config.model.patch_size, config.model.vocab_size
+  h_BxD = jax.random.normal(jax.random.key(2), (4, config.model.hidden))
+  draw = decode.calm_draw(model, {"params": params}, h_BxD, max_logits_bytes=25 * 4 * k * v * 4)
+  out = jax.jit(lambda r: draw(r, 200))(jax.random.key(0))
+  assert out.shape == (200, 4, k) and out.dtype == jnp.int32
+  assert 0 <= int(out.min()) and int(out.max()) < v
+  assert len({tuple(x) for x in np.asarray(out).reshape(-1, k)}) > 1
+  jaxpr = jax.make_jaxpr(lambda r: draw(r, 200))(jax.random.key(0))
+  sizes = [np.prod(var.aval.shape[:-2]) for e in _all_eqns(jaxpr.jaxpr) for var in e.outvars
+           if tuple(getattr(var.aval, "shape", ())[-2:]) == (k, v)]
+  assert sizes and max(sizes) <= 25 * 4 < 200 * 4
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (list, tuple)) else [value]):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          yield from _all_eqns(getattr(inner, "jaxpr", inner))

@@ -5,6 +5,7 @@ import pytest
 
 from calm_jax import config as config_lib
 from calm_jax.cli import train as cli_train
+from calm_jax import stages
 from calm_jax.training import loop
 from calm_jax.training import state as state_lib
 from tests.conftest import TINY_VOCAB
@@ -28,6 +29,10 @@ def test_autoencoder_sharded_equals_single_device(tiny_tokenizer_path, tmp_path)
     loop.train_and_evaluate(config, str(tmp_path / name), devices)
     runs[name] = losses(str(tmp_path / name))
   assert len(runs["one"]) == 3
+  # The log carries the analytic FLOPs per token; a CPU has no peak, so no MFU.
+  want = stages.train_flops_per_token(config)["total"]
+  assert losses(str(tmp_path / "one"), "flops_per_token") == [want] * 3
+  assert not losses(str(tmp_path / "one"), "mfu")
   np.testing.assert_allclose(runs["data_fsdp"], runs["one"], rtol=2e-5)
   np.testing.assert_allclose(runs["data_tensor"], runs["one"], rtol=2e-5)
 
@@ -100,7 +105,13 @@ def test_compile_only_reports_per_device_memory(tiny_tokenizer_path, tmp_path):
   # Every weight matrix has an 'embed' dim sharded 4 ways over fsdp; norms stay replicated.
   assert full_gib / 4 <= report["per_device_gib"]["params"] < full_gib / 3
   assert report["per_device_gib"]["optimizer"] > report["per_device_gib"]["params"]
-  assert report["flops_per_step_per_device"] > 0
+  # The analytic count per step (XLA's counts the scanned layer stack once: lower).
+  per_token = stages.train_flops_per_token(config)["total"]
+  assert report["flops_per_token"] == per_token
+  assert report["flops_per_step_per_device"] == pytest.approx(per_token * 8 * 32 / 8)
+  assert 0 < report["xla_flops_per_step_per_device"] < report["flops_per_step_per_device"]
+  for key in ("compiled_temp", "compiled_arguments", "compiled_output"):
+    assert report["per_device_gib"][key] >= 0
   assert (tmp_path / "compile_report.json").exists()
 
 

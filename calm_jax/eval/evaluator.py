@@ -27,7 +27,7 @@ from calm_jax.eval import brier
 from calm_jax.eval import unigram
 from calm_jax.parallel import sharding
 
-_JITTED = {}   # (id(model), position_batch, brier_samples) -> (model, jitted terms)
+_JITTED = {}   # (id(model), brier_samples) -> (model, jitted terms)
 
 
 def jit_terms(fn, param_shardings, mesh, axis_rules):
@@ -84,7 +84,7 @@ def _eval_config(run, data, max_tokens, brier_samples):
 
 def _jitted(run, stage, config):
   """The stage's terms for `run`, jitted once per restored model and eval setting."""
-  key = (id(run.model), config.eval.position_batch, config.eval.brier_samples)
+  key = (id(run.model), config.eval.brier_samples)
   if key not in _JITTED or _JITTED[key][0] is not run.model:
     _JITTED[key] = (run.model, jit_terms(stage.eval_terms(run.model, config),
                                          run.param_shardings, run.mesh, run.axis_rules))

@@ -21,15 +21,21 @@ autoencoder (argmax of the decoder logits), give sample chunks s1[t], s2[t].
     draw their next chunk from that one state. Wherever the prefixes agree this is
     each sample's own path, and after they disagree the indicator is 0 anyway, so
     E 1{x1[:n] = x2[:n]} = sum_x P(x)^2 exactly.
-    The extra steps of all positions run at once: the teacher-forced pass fills a
-    KV cache of the whole block; position t extends a copy of it at cache
-    position t+1 (keys > t are masked or overwritten), vmapped over
-    config.eval.position_batch positions at a time (jax.lax.map).
+    The extra steps run without copying any cache: the teacher-forced pass fills a KV
+    cache of the whole block, which every position then reads (keys 0..t for position
+    t) while it appends its own chunks to a small per-position suffix
+    (model.extend_branches).
+Chunks of positions: after the teacher-forced pass, everything per position (the vocabulary
+projection or the head's samples decoded by the frozen autoencoder, the extra steps) runs
+config.model.logits_chunk positions at a time (losses.map_chunks), so the logits and the
+suffixes of one chunk exist at once, never the [B, P, (K,) V] logits of the block.
 AR baseline (the paper's lower-variance estimator, brier.ar_brier_terms): the
 accuracy term is the exact teacher-forced product of probabilities; the
 collision term multiplies 1{x1[:n-1] = x2[:n-1]} (sampled the same way, from the
 state along sample 1's path) by the exact sum_v p(v | x1[:n-1])^2. Plus the
-summed cross-entropy for perplexity.
+summed cross-entropy for perplexity. The AR continuations run like CALM's (shared prefix
+cache, per-position suffixes, chunks of positions). The random draws of a chunk of
+positions come from fold_in(key, its first position).
 """
 import math
 
@@ -37,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax.eval import brier
+from calm_jax.models.losses import map_chunks
 
 N = brier.MAX_N
 
@@ -75,12 +82,6 @@ def _sample_chunks(model, variables, h_xD, rng, num=2):
                     for key in jax.random.split(rng, num)])
 
 
-def _per_position(fn, positions_P, xs, position_batch):
-  """Runs fn(position, *x) for every position, position_batch at a time; outputs [P, ...]."""
-  return jax.lax.map(lambda a: fn(*a), (positions_P,) + tuple(xs),
-                     batch_size=min(position_batch, positions_P.shape[0]))
-
-
 def _targets_and_valid(tokens_BxL, mask_BxL, start, count, stride):
   """n-token target windows and their validity at token offsets start + stride * i, i < count."""
   index = start + stride * jnp.arange(count)
@@ -104,7 +105,33 @@ def sampled_chunk_terms(samples_SxBxPxK, tokens_BxL, mask_BxL):
   return brier.multi_sample_terms(samples_SxBxPxK[..., :N], y_BxPxN, valid_BxPxN)
 
 
-def calm_terms(model, params, batch, rng, position_batch, num_samples=2):
+def _calm_chunk(model, variables, cache, k, num_samples, keys):
+  """Per chunk of positions: the head's samples [B, C, S, K] and, for K < 4, whether the
+  two continuations along sample 1's path agree on each of the N tokens [B, C, N]."""
+  m = math.ceil(N / k)
+
+  def chunk(xs):
+    start = xs["index"][0, 0]
+    samples_SxBxCxK = _sample_chunks(model, variables, xs["h"], jax.random.fold_in(keys[0], start),
+                                     num_samples)
+    out = {"samples": jnp.moveaxis(samples_SxBxCxK, 0, 2)}
+    if k >= N:
+      return out
+    branches = model.apply(variables, start, method=model.init_branches)
+    x_BxCxK, same = samples_SxBxCxK[0], [samples_SxBxCxK[0] == samples_SxBxCxK[1]]
+    for j in range(1, m):
+      h_BxCxD, branches = model.apply(variables, x_BxCxK, cache, branches,
+                                      method=model.extend_branches)
+      x_BxCxK, other_BxCxK = _sample_chunks(
+          model, variables, h_BxCxD, jax.random.fold_in(jax.random.fold_in(keys[1], j), start))
+      same.append(x_BxCxK == other_BxCxK)
+    out["same"] = jnp.concatenate(same, axis=-1)[..., :N]
+    return out
+
+  return chunk
+
+
+def calm_terms(model, params, batch, rng, num_samples=2):
   """CALM Brier-1..4 (sums_N, counts_N) and the summed head loss: (sums_N, counts_N, loss_sum, loss_count)."""
   variables = {"params": params}
   k = model.config.patch_size
@@ -113,7 +140,6 @@ def calm_terms(model, params, batch, rng, position_batch, num_samples=2):
   b, length = tokens_BxL.shape
   num_chunks = length // k
   positions = num_chunks - 1
-  m = math.ceil(N / k)
   rng_loss, rng_sample, rng_extra = jax.random.split(rng, 3)
 
   # The head's own loss (energy score for the energy head) as in training, masked mean * count.
@@ -122,12 +148,14 @@ def calm_terms(model, params, batch, rng, position_batch, num_samples=2):
   loss_sum = metrics["loss"] * loss_count
 
   chunks_BxTxK = tokens_BxL.reshape(b, num_chunks, k)
-  cache = model.apply(variables, b, positions + m, method=model.init_cache)
+  cache = model.apply(variables, b, positions, method=model.init_cache)
   h_BxPxD, cache = model.apply(variables, chunks_BxTxK[:, :positions], cache, method=model.extend)
-  samples_SxBxPxK = _sample_chunks(model, variables, h_BxPxD, rng_sample, num_samples)
+  index_BxP = jnp.broadcast_to(jnp.arange(positions), (b, positions))
+  out = map_chunks(_calm_chunk(model, variables, cache, k, num_samples, (rng_sample, rng_extra)),
+                   {"h": h_BxPxD, "index": index_BxP}, model.config.logits_chunk)
+  samples_SxBxPxK = jnp.moveaxis(out["samples"], 2, 0)
   if k >= N:
     return (*sampled_chunk_terms(samples_SxBxPxK, tokens_BxL, mask_BxL), loss_sum, loss_count)
-  s1_BxPxK, s2_BxPxK = samples_SxBxPxK[0], samples_SxBxPxK[1]
   y_BxPxN, valid_BxPxN = _targets_and_valid(tokens_BxL, mask_BxL, k, positions, k)
 
   # Accuracy: each sample's teacher-forced chunks t+1 .. t+m laid end to end, 2/S of their sum
@@ -135,71 +163,63 @@ def calm_terms(model, params, batch, rng, position_batch, num_samples=2):
   eq = lambda a, c: jnp.cumprod((a == c).astype(jnp.float32), axis=-1)
   windows = lambda s_BxPxK: brier.ngram_windows(s_BxPxK.reshape(b, positions * k), N, fill=-1)[:, ::k]
   accuracy_BxPxN = sum(eq(windows(s), y_BxPxN) for s in samples_SxBxPxK) * (2.0 / num_samples)
-
-  # Collision: m-1 further chunks along sample 1's path, every position from its own cache copy.
-  def continue_from(t, first1_BxK, first2_BxK, key):
-    c = dict(cache, pos=t + 1)
-    same, x = [first1_BxK == first2_BxK], first1_BxK
-    for j in range(1, m):
-      h_Bx1xD, c = model.apply(variables, x[:, None, :], c, method=model.extend)
-      a_BxK, c2_BxK = _sample_chunks(model, variables, h_Bx1xD[:, 0], jax.random.fold_in(key, j))
-      same.append(a_BxK == c2_BxK)
-      x = a_BxK
-    return jnp.concatenate(same, axis=-1)[:, :N]          # same_BxN
-
-  keys = jax.random.split(rng_extra, positions)
-  same_PxBxN = _per_position(
-      continue_from, jnp.arange(positions),
-      (jnp.swapaxes(s1_BxPxK, 0, 1), jnp.swapaxes(s2_BxPxK, 0, 1), keys), position_batch)
-  collision_BxPxN = jnp.cumprod(jnp.swapaxes(same_PxBxN, 0, 1).astype(jnp.float32), axis=-1)
+  # Collision: m-1 further chunks along sample 1's path (_calm_chunk).
+  collision_BxPxN = jnp.cumprod(out["same"].astype(jnp.float32), axis=-1)
   sums_N, counts_N = brier.masked_sums(accuracy_BxPxN - collision_BxPxN, valid_BxPxN)
   return sums_N, counts_N, loss_sum, loss_count
 
 
-def ar_terms(model, params, batch, rng, position_batch):
+def _token_draws(model, variables, h_BxCxD, targets_BxC, key):
+  """From the logits of h: log p(target), sum_v p_v^2 and two independent draws, per position."""
+  logits = model.apply(variables, h_BxCxD, method=model.project).astype(jnp.float32)
+  lse, collision = brier.softmax_stats(logits)
+  target_logit = jnp.take_along_axis(logits, targets_BxC[..., None], axis=-1)[..., 0]
+  key1, key2 = jax.random.split(key)
+  # The barrier: every result before any is used, so the logits die before the next step's.
+  return jax.lax.optimization_barrier({
+      "target_logp": target_logit - lse, "collision": collision,
+      "x1": brier.sample_categorical(key1, logits), "x2": brier.sample_categorical(key2, logits)})
+
+
+def _ar_chunk(model, variables, cache, rng):
+  """Per chunk of positions: log p(target), and along sample 1's path the N tokens of both
+  samples and the N exact collision probabilities [B, C, N]."""
+
+  def chunk(xs):
+    start = xs["index"][0, 0]
+    key = lambda j: jax.random.fold_in(jax.random.fold_in(rng, j), start)
+    first = _token_draws(model, variables, xs["h"], xs["y"], key(0))
+    steps = [first]
+    branches = model.apply(variables, start, method=model.init_branches)
+    for j in range(1, N):          # only the first N-1 tokens of each sample matter
+      h_BxCxD, branches = model.apply(variables, steps[-1]["x1"], cache, branches,
+                                      method=model.extend_branches)
+      steps.append(_token_draws(model, variables, h_BxCxD, jnp.zeros_like(xs["y"]), key(j)))
+    stack = lambda name: jnp.stack([s[name] for s in steps], axis=-1)
+    return {"target_logp": first["target_logp"], "x1": stack("x1"), "x2": stack("x2"),
+            "collision": stack("collision")}
+
+  return chunk
+
+
+def ar_terms(model, params, batch, rng):
   """AR Brier-1..4 (sums_N, counts_N) and the summed next-token CE: (sums_N, counts_N, ce_sum, ce_count)."""
   variables = {"params": params}
   tokens_BxL = jnp.asarray(batch["tokens"], jnp.int32)
   mask_BxL = jnp.asarray(batch["mask"], jnp.int32)
   b, length = tokens_BxL.shape
   positions = length - 1          # position t predicts token t+1
-  cache = model.apply(variables, b, positions + N, method=model.init_cache)
-  logits_BxPxV, cache = model.apply(variables, tokens_BxL[:, :positions], cache, method=model.extend)
-  logp_BxPxV = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
-  targets_BxP = tokens_BxL[:, 1:]
-  target_logp_BxP = jnp.take_along_axis(logp_BxPxV, targets_BxP[..., None], axis=-1)[..., 0]
+  cache = model.apply(variables, b, positions, method=model.init_cache)
+  h_BxPxD, cache = model.apply(variables, tokens_BxL[:, :positions], cache,
+                               method=model.extend_states)
+  index_BxP = jnp.broadcast_to(jnp.arange(positions), (b, positions))
+  out = map_chunks(_ar_chunk(model, variables, cache, rng),
+                   {"h": h_BxPxD, "y": tokens_BxL[:, 1:], "index": index_BxP},
+                   model.config.logits_chunk)
   ce_weight_BxP = mask_BxL[:, 1:].astype(jnp.float32)
-  ce_sum = -jnp.sum(target_logp_BxP * ce_weight_BxP)
+  ce_sum = -jnp.sum(out["target_logp"] * ce_weight_BxP)
   ce_count = jnp.sum(ce_weight_BxP)
-
-  valid_BxPxN = brier.ngram_valid(mask_BxL[:, 1:], N)
-  target_logp_BxPxN = brier.ngram_windows(target_logp_BxP, N, fill=0.0)
-
-  rng_first, rng_extra = jax.random.split(rng)
-  key1, key2 = jax.random.split(rng_first)
-  first1_BxP = jax.random.categorical(key1, logp_BxPxV, axis=-1).astype(jnp.int32)
-  first2_BxP = jax.random.categorical(key2, logp_BxPxV, axis=-1).astype(jnp.int32)
-  collision0_BxP = brier.sum_sq_probs(logp_BxPxV)
-
-  # Further tokens along sample 1's path (only the first N-1 tokens of each sample matter).
-  def continue_from(t, first1_B, first2_B, key):
-    c = dict(cache, pos=t + 1)
-    x1, x2, coll, x = [first1_B], [first2_B], [], first1_B
-    for j in range(1, N):
-      logits_Bx1xV, c = model.apply(variables, x[:, None], c, method=model.extend)
-      logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
-      coll.append(brier.sum_sq_probs(logits_BxV))
-      ka, kb = jax.random.split(jax.random.fold_in(key, j))
-      x = jax.random.categorical(ka, logits_BxV, axis=-1).astype(jnp.int32)
-      x1.append(x)
-      x2.append(jax.random.categorical(kb, logits_BxV, axis=-1).astype(jnp.int32))
-    return jnp.stack(x1, -1), jnp.stack(x2, -1), jnp.stack(coll, -1)
-
-  keys = jax.random.split(rng_extra, positions)
-  x1_PxBxN, x2_PxBxN, coll_PxBx3 = _per_position(
-      continue_from, jnp.arange(positions), (first1_BxP.T, first2_BxP.T, keys), position_batch)
-  swap = lambda a: jnp.swapaxes(a, 0, 1)
-  collision_BxPxN = jnp.concatenate([collision0_BxP[..., None], swap(coll_PxBx3)], axis=-1)
-  sums_N, counts_N = brier.ar_brier_terms(target_logp_BxPxN, swap(x1_PxBxN), swap(x2_PxBxN),
-                                          collision_BxPxN, valid_BxPxN)
+  sums_N, counts_N = brier.ar_brier_terms(
+      brier.ngram_windows(out["target_logp"], N, fill=0.0), out["x1"], out["x2"],
+      out["collision"], brier.ngram_valid(mask_BxL[:, 1:], N))
   return sums_N, counts_N, ce_sum, ce_count

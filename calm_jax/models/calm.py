@@ -127,6 +127,17 @@ class CALM(nn.Module):
     b, t, k = chunks_BxTxK.shape
     return self.transformer.extend(self._chunk_inputs(chunks_BxTxK.reshape(b, t * k)), cache)
 
+  def init_branches(self, start=0):
+    """Branches from positions start, start+1, ... for the Brier continuations
+    (transformer.init_branches)."""
+    return transformer_lib.init_branches(self.config, start)
+
+  def extend_branches(self, chunks_BxPxK, cache, branches):
+    """Chunk p continues position start + p of the prefilled cache; returns (h_BxPxD, branches)."""
+    b, p, k = chunks_BxPxK.shape
+    x_BxPxD = self._chunk_inputs(chunks_BxPxK.reshape(b, p * k))
+    return self.transformer.extend_branches(x_BxPxD, cache, branches)
+
   def sample_latent(self, h_xD):
     """One head sample per backbone vector: z [..., l] (rng stream 'sample')."""
     return self.head.sample(h_xD)

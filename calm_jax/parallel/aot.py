@@ -47,7 +47,8 @@ def abstract(tree, shardings):
 
 
 def compile_report(lowered, compile_step=True):
-  """{'flops_per_step_per_device', 'compiled_temp_gib', 'compiled_arguments_gib'} of a lowered step."""
+  """XLA's analysis of a lowered step: {'flops_per_step_per_device' (XLA's count: a loop body
+  counts once), 'compiled_<temp|arguments|output|alias|generated_code>_gib'} per device."""
   if not compile_step:
     return {}
   compiled = lowered.compile()
@@ -58,8 +59,10 @@ def compile_report(lowered, compile_step=True):
     report["flops_per_step_per_device"] = float(cost["flops"])
   memory = compiled.memory_analysis()
   if memory is not None:
-    report["compiled_temp_gib"] = memory.temp_size_in_bytes / GIB
-    report["compiled_arguments_gib"] = memory.argument_size_in_bytes / GIB
+    for name in ("temp", "argument", "output", "alias", "generated_code"):
+      value = getattr(memory, f"{name}_size_in_bytes", None)
+      if value is not None:
+        report[f"compiled_{'arguments' if name == 'argument' else name}_gib"] = value / GIB
   return report
 
 
@@ -72,8 +75,11 @@ def write_report(report, workdir):
   lines = [f"mesh {report['mesh']} on {report['devices']} x {report['device_kind']}",
            f"trainable params {report['params_total']:,}  frozen {report['frozen_params_total']:,}"]
   lines += [f"  per device {k:<20s} {v:8.3f} GiB" for k, v in report["per_device_gib"].items()]
-  if "flops_per_step_per_device" in report:
-    lines.append(f"  FLOPs per step per device {report['flops_per_step_per_device']:.3e}"
+  if "flops_per_token" in report:
+    lines.append(f"  FLOPs per token (analytic) {report['flops_per_token']:.4e}; per step per "
+                 f"device {report['flops_per_step_per_device']:.4e}")
+  if "xla_flops_per_step_per_device" in report:
+    lines.append(f"  XLA's count per step per device {report['xla_flops_per_step_per_device']:.4e}"
                  + (f" ({report['flops_note']})" if "flops_note" in report else ""))
   print("\n".join(lines))
   logging.info("Wrote %s", path)

@@ -42,6 +42,9 @@ Sampling = collections.namedtuple(
 # The tokenizer's ids the loops need: EOS ends a row, PAD fills it afterwards.
 SpecialIds = collections.namedtuple("SpecialIds", ["eos", "pad"])
 
+# Decoder logits (bytes) of head draws reduced to tokens at once (calm_draw's tiles).
+DRAW_LOGITS_BYTES = 1 << 28
+
 # A stage's sampler: prompt(ids) -> one prompt row (int32 [T, K] for CALM, [P] for AR);
 # generate(params, prompts, rng) -> (tokens [B, >= max_tokens], stats), jitted.
 Sampler = collections.namedtuple("Sampler", ["prompt", "generate"])
@@ -80,12 +83,27 @@ def ar_prompt(ids, eos_id=None):
   return np.asarray(prompt, np.int32)
 
 
-def _calm_draw(model, variables, h_BxD):
-  """draw(rng, num) -> int32[num, B, K]: num head samples per row decoded by argmax."""
+def calm_draw(model, variables, h_BxD, max_logits_bytes=DRAW_LOGITS_BYTES):
+  """draw(rng, num) -> int32[num, B, K]: num head samples per row decoded by argmax.
 
-  def draw(rng, num):
+  The decoder's float32 logits of the num * B draws ([num * B, K, V]) are reduced to tokens
+  tile by tile (lax.map over tiles of draws, each at most max_logits_bytes of logits); a
+  draw that fits in one tile uses `rng` directly.
+  """
+  b = h_BxD.shape[0]
+  row_bytes = 4 * model.config.patch_size * model.config.vocab_size
+
+  def draws(rng, num):
     h_NxBxD = jnp.broadcast_to(h_BxD, (num,) + h_BxD.shape)
     return model.apply(variables, h_NxBxD, method=model.sample_chunk, rngs={"sample": rng})
+
+  def draw(rng, num):
+    tiles = -(-num * b * row_bytes // max_logits_bytes)
+    if tiles <= 1:
+      return draws(rng, num)
+    tile = -(-num // tiles)
+    out_TxNxBxK = jax.lax.map(lambda key: draws(key, tile), jax.random.split(rng, tiles))
+    return out_TxNxBxK.reshape((tiles * tile,) + out_TxNxBxK.shape[2:])[:num]
 
   return draw
 
@@ -163,7 +181,7 @@ def calm_generate(model, params, prompt_BxTpxK, rng, *, num_chunks, sampling, id
 
   def body(carry):
     i, buf, cache, h_BxD, done_B, fallbacks, draws = carry
-    chunk_BxK, stats = _sample_chunk(_calm_draw(model, variables, h_BxD),
+    chunk_BxK, stats = _sample_chunk(calm_draw(model, variables, h_BxD),
                                      jax.random.fold_in(rng, i), sampling)
     chunk_BxK = jnp.where(done_B[:, None], ids.pad, chunk_BxK)
     buf = jax.lax.dynamic_update_slice(buf, chunk_BxK[:, None], (0, tp + i, 0))

@@ -211,17 +211,17 @@ def sample_exact_power(draw, rng, n, alpha, *, max_draws, draws_per_step, fallba
     u_SxB = jax.random.uniform(key_coin, (draws_per_step, batch))
     state, _ = jax.lax.scan(
         lambda s, xu: (_consume(s, xu[0], xu[1], n, alpha), None), state, (samples_SxBxK, u_SxB))
-    offset = step * draws_per_step
-    updated = jax.lax.dynamic_update_slice(
-        pool_PxBxK, samples_SxBxK, (jnp.minimum(offset, pool_size - draws_per_step), 0, 0))
-    pool_PxBxK = jnp.where(offset < pool_size, updated, pool_PxBxK)
+    # In place: once the pool is full, later draws land in its last, scratch tile.
+    offset = jnp.minimum(step * draws_per_step, pool_size)
+    pool_PxBxK = jax.lax.dynamic_update_slice(pool_PxBxK, samples_SxBxK, (offset, 0, 0))
     return step + 1, key, state, pool_PxBxK
 
   state = (jnp.zeros((batch, k), jnp.int32), jnp.zeros((batch,), jnp.int32),
            jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
-  pool_PxBxK = jnp.zeros((pool_size, batch, k), jnp.int32)
+  pool_PxBxK = jnp.zeros((pool_size + draws_per_step, batch, k), jnp.int32)
   _, _, state, pool_PxBxK = jax.lax.while_loop(
       cond, body, (jnp.zeros((), jnp.int32), rng_loop, state, pool_PxBxK))
+  pool_PxBxK = pool_PxBxK[:pool_size]
   xstar_BxK, _, _, done_B, num_draws_B = state
   fallback_B = ~done_B
   fallback_n = jnp.where(alpha < 0.5, n, n + 1)    # round(1/T)

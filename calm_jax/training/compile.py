@@ -40,16 +40,22 @@ def compile_train_step(config, parts, mesh, axis_rules, compile_step=True):
           "frozen_params": aot.per_device_bytes(frozen, parts["frozen_shardings"]) / gib,
       },
   }
+  ae_model = parts["ae_config"].model if parts.get("ae_config") else None
+  per_token = stages.train_flops_per_token(config, ae_model)
+  tokens = config.train.batch_size * config.data.seq_len
+  report["flops_per_token"] = per_token["total"]
+  report["flops_per_token_parts"] = {k: v for k, v in per_token.items() if k != "total"}
+  report["flops_per_step_per_device"] = per_token["total"] * tokens / report["devices"]
   compiled = aot.compile_report(lowered, compile_step)
   if "flops_per_step_per_device" in compiled:
-    report["flops_per_step_per_device"] = compiled["flops_per_step_per_device"]
-    if config.model.scan_layers:
+    report["xla_flops_per_step_per_device"] = compiled["flops_per_step_per_device"]
+    if config.model.scan_layers or config.train.grad_accum_steps > 1:
       # XLA's cost analysis counts a loop body once: a scanned stack shows one layer.
-      report["flops_note"] = ("scanned layers are counted once; pass "
-                              "--config.model.scan_layers=False for the full count")
-  for key in ("compiled_temp", "compiled_arguments"):
-    if f"{key}_gib" in compiled:
-      report["per_device_gib"][key] = compiled[f"{key}_gib"]
+      report["flops_note"] = ("loop bodies (scanned layers, gradient accumulation) counted "
+                              "once; the analytic count above is the step's")
+  for key, value in compiled.items():
+    if key.startswith("compiled_"):
+      report["per_device_gib"][key[:-len("_gib")]] = value
   return report
 
 

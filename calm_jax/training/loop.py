@@ -29,6 +29,7 @@ from calm_jax.data import sources
 from calm_jax.eval import evaluator
 from calm_jax.eval import terms
 from calm_jax.parallel import distributed
+from calm_jax.parallel import peak
 from calm_jax.parallel import sharding
 from calm_jax.training import efficiency
 from calm_jax.training import metrics as metrics_lib
@@ -150,8 +151,11 @@ class _Bookkeeping:
   """The loop's host side: metrics pulled one step late, nan_policy='halt', checkpoint saves,
   step times and goodput (eff), the profiler."""
 
-  def __init__(self, config, state, ckpt, writer, bar, workdir, started_at):
+  def __init__(self, config, state, ckpt, writer, bar, workdir, started_at,
+               flops_per_token=None, devices=()):
     self.config, self.ckpt, self.writer, self.bar = config, ckpt, writer, bar
+    # flops_per_token and mfu in the log: the analytic count (models/flops.py), the mesh's chips
+    self.flops_per_token, self.devices = flops_per_token, list(devices)
     self.start = int(jax.device_get(state.step))
     self.eff = efficiency.Efficiency(workdir, self.start, config.train.steps, started_at,
                                      write=writer.enabled)
@@ -198,6 +202,9 @@ class _Bookkeeping:
     rates = {"tokens_per_s": ((step - self.step_last) * self.tokens_per_step
                               / max(now - self.t_last, 1e-9))}
     self.t_last, self.step_last = now, step
+    if self.flops_per_token:
+      rates.update(peak.utilisation_metrics(self.flops_per_token, rates["tokens_per_s"],
+                                            self.devices))
     rates.update(self.eff.metrics(step))
     return rates
 
@@ -286,7 +293,10 @@ def train_and_evaluate(config, workdir, devices=None):
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_primary, config=config)
     bar = progress.bar(total=config.train.steps, initial=int(jax.device_get(state.step)),
                        desc=config.stage, unit="step", enabled=is_primary, file=sys.stdout)
-    book = _Bookkeeping(config, state, ckpt, writer, bar, workdir, started_at)
+    book = _Bookkeeping(config, state, ckpt, writer, bar, workdir, started_at,
+                        stages.train_flops_per_token(
+                            config, ae_config.model if ae_config else None)["total"],
+                        mesh.devices.flat)
     try:
       _loop(config, book, state, frozen, train_step, train_iter, batch_sharding, evaluate)
     finally:

@@ -4,6 +4,11 @@ CALM's frozen autoencoder params live outside the train state (`frozen`): they
 get no gradients and no optimizer moments. The train step skips an update whose
 loss or gradients are not finite, counts it, and remembers the step, so a
 saved state is never poisoned; the host decides whether to halt.
+
+Mixed precision: params (the master weights) and optimizer state stay float32; with a
+bfloat16 model every weight matrix and embedding is cast to bfloat16 once per step
+(`compute_params`), before the forward pass and any gradient-accumulation loop, instead of
+inside every layer call of every microbatch; the gradients come back float32.
 """
 from typing import Any
 
@@ -33,6 +38,18 @@ def _rngs(rng):
   return {"dropout": dropout, "sample": sample}
 
 
+def compute_params(params, dtype):
+  """Kernels and embeddings in the compute dtype (every layer casts them to it anyway)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return params
+
+  def cast(path, x):
+    name = getattr(path[-1], "key", None)
+    return x.astype(dtype) if name in ("kernel", "embedding") and x.dtype == jnp.float32 else x
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def _microbatches(batch, num):
   """[B, ...] -> [num, B/num, ...]; each device keeps its own rows in every microbatch."""
   return jax.tree.map(
@@ -49,13 +66,17 @@ def make_train_step(model, tx, schedule, grad_accum_steps):
 
   def train_step(state, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
+    params = compute_params(state.params, model.dtype)
+    frozen = compute_params(frozen, model.dtype)
+    to_master = lambda g, p: g.astype(p.dtype)
     if grad_accum_steps == 1:
-      (_, metrics), grads = grad_fn(state.params, frozen, batch, rng)
+      (_, metrics), grads = grad_fn(params, frozen, batch, rng)
+      grads = jax.tree.map(to_master, grads, state.params)
     else:
       def accumulate(grads_sum, xs):
         index, microbatch = xs
-        (_, m), g = grad_fn(state.params, frozen, microbatch, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, grads_sum, g), m
+        (_, m), g = grad_fn(params, frozen, microbatch, jax.random.fold_in(rng, index))
+        return jax.tree.map(lambda s, g: s + to_master(g, s), grads_sum, g), m
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       xs = (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps))

@@ -20,8 +20,33 @@ from calm_jax.models import energy_score
 from calm_jax.models.heads import common
 
 
+class SplitFuse(nn.Module):
+  """The fusion block's first layer, concat(x, c) @ kernel + bias, as x @ kernel[:D] + (c @ kernel[D:]
+  + bias): the condition's share is computed on c's own shape, once per position however many
+  samples x holds. Params as nn.Dense(D) on the concatenation: kernel [2D, D], bias [D]."""
+  width: int
+  init_std: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_xD, c_xD):
+    d = x_xD.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(common.normal(self.init_std),
+                                                               ("embed", "mlp")),
+                        (d + c_xD.shape[-1], self.width), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(common.ZEROS, ("mlp",)),
+                      (self.width,), jnp.float32)
+    kernel = jnp.asarray(kernel, self.dtype)
+    share = jnp.asarray(c_xD, self.dtype) @ kernel[d:] + jnp.asarray(bias, self.dtype)
+    return jnp.asarray(x_xD, self.dtype) @ kernel[:d] + share
+
+
 class FusionBlock(nn.Module):
-  """x + down(silu(gate) * up) with [gate, up] from an MLP over concat(LayerNorm(x), c)."""
+  """x + down(silu(gate) * up) with [gate, up] from an MLP over concat(LayerNorm(x), c).
+
+  c may hold fewer leading dims than x (broadcast, e.g. one condition for N samples): its
+  share of the first layer is computed once (SplitFuse).
+  """
   width: int
   init_std: float
   norm_eps: float
@@ -31,9 +56,8 @@ class FusionBlock(nn.Module):
   def __call__(self, x_xD, c_xD):
     d, init = self.width, common.normal(self.init_std)
     dense = lambda f, axes, name: common.dense(f, axes, init, self.dtype, name)
-    h = jnp.concatenate([common.layer_norm(self.norm_eps, self.dtype, "norm")(x_xD),
-                         jnp.asarray(c_xD, self.dtype)], axis=-1)
-    h = nn.silu(dense(d, ("embed", "mlp"), "fuse")(h))
+    h = common.layer_norm(self.norm_eps, self.dtype, "norm")(x_xD)
+    h = nn.silu(SplitFuse(d, self.init_std, self.dtype, name="fuse")(h, c_xD))
     h = nn.silu(dense(d, ("mlp", "embed"), "hidden")(h))
     gate, up = jnp.split(dense(2 * d, ("embed", "mlp"), "gate_up")(h), 2, axis=-1)
     return x_xD + dense(d, ("mlp", "embed"), "down")(nn.silu(gate) * up)
@@ -66,7 +90,6 @@ class EnergyHead(nn.Module):
   def generate(self, c_xD, u_xU):
     """Noise u ([..., noise_dim]) and condition c ([..., D], broadcastable) -> latent [..., l]."""
     x = self.noise_norm(self.noise_embed(u_xU))
-    c_xD = jnp.broadcast_to(c_xD, x.shape)
     for block in self.blocks:
       x = block(x, c_xD)
     x = self.final_out(nn.silu(self.final_hidden(self.final_norm(x))))

@@ -256,3 +256,31 @@ def barrier(name, timeout_s=1800):
     raise DistributedError(
         f"Process {jax.process_index()} waited {timeout_s:.0f} s at barrier {name!r} for the "
         f"other processes ({e}); check their logs for the one that failed or hangs.") from e
+
+
+def from_primary(name, compute, timeout_s=1800):
+  """compute() run on process 0 only; its result (a str) returned on every process.
+
+  For a check whose verdict every process must share (e.g. a checkpoint's digest, read
+  once from a shared filesystem instead of once per host). Uses the coordination
+  service's key-value store, not a device collective.
+  """
+  global _barriers
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
+  client = jax_distributed.global_state.client
+  if jax.process_count() == 1 or client is None:
+    return compute()
+  _barriers += 1
+  key = f"calm_jax:{name}:{_barriers}"
+  if jax.process_index() == 0:
+    value = compute()
+    client.key_value_set(key, value)
+    return value
+  try:
+    return client.blocking_key_value_get(key, int(timeout_s * 1000))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DistributedError(
+        f"Process {jax.process_index()} waited {timeout_s:.0f} s for process 0's {name!r} "
+        f"({e}); check process 0's log.") from e

@@ -32,6 +32,7 @@ from calm_jax.eval import evaluator
 from calm_jax.sampling import decode
 from calm_jax.sampling import generate
 from calm_jax.training import loop
+from calm_jax.training import workdir_lock
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "experiments")
@@ -83,8 +84,12 @@ def _stage(title):
 
 def run_quickstart(workdir, small=False, devices=None):
   """Runs (or resumes) every stage in `workdir`; returns the summary dict."""
-  p = PROFILES["small" if small else "full"]
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.WorkdirLock(workdir, "calm-quickstart"):
+    return _run_stages(workdir, PROFILES["small" if small else "full"], devices)
+
+
+def _run_stages(workdir, p, devices):
+  """run_quickstart's stages, in order, on the locked workdir (one quickstart at a time)."""
   timings = {}
 
   t = _stage("1/5 tokenizer")
@@ -130,7 +135,7 @@ def run_quickstart(workdir, small=False, devices=None):
 
   summary = {
       "workdir": os.path.abspath(workdir),
-      "profile": "small" if small else "full",
+      "profile": "small" if p is PROFILES["small"] else "full",
       "autoencoder_steps": ae_run.step,
       "autoencoder_token_accuracy": ae_result["token_accuracy"],
       "autoencoder_token_accuracy_noisy": ae_result["token_accuracy_noisy"],

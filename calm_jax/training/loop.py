@@ -34,6 +34,7 @@ from calm_jax.training import metrics as metrics_lib
 from calm_jax.training import preemption
 from calm_jax.training import state as state_lib
 from calm_jax.training import steps as steps_lib
+from calm_jax.training import workdir_lock
 
 
 class TrainingHalted(errors.UserError):
@@ -211,13 +212,19 @@ class _Bookkeeping:
 def train_and_evaluate(config, workdir, devices=None):
   """Trains config.stage in workdir; returns the last logged metrics.
 
-  devices: the devices of the mesh (default: all), e.g. one device in tests.
+  devices: the devices of the mesh (default: all), e.g. one device in tests. The
+  workdir is locked for the run (one writer: training/workdir_lock.py).
   """
   # -- Config -------------------------------------------------------------------------------
   stages.validate(config)
+  with workdir_lock.WorkdirLock(workdir):
+    _check_workdir(config, workdir)
+    return _train(config, workdir, devices)
+
+
+def _train(config, workdir, devices):
+  """train_and_evaluate on a locked workdir."""
   is_primary = jax.process_index() == 0
-  _check_workdir(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
 
   # -- Mesh ---------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh, devices)

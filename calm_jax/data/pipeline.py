@@ -119,7 +119,9 @@ def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
     raise ValueError(f"seq_len={seq_len} is not a multiple of the chunk size K={chunk_size}.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-  source = sources.parse_spec(spec, skip_bad_records) if isinstance(spec, str) else spec
+  source = (sources.parse_spec(spec, skip_bad_records,
+                               vocab_size=tokenizer.vocab_size if tokenizer else None)
+            if isinstance(spec, str) else spec)
   if len(source) == 0:
     raise sources.DataError(f"The data SPEC {spec!r} has no documents.")
 

@@ -37,6 +37,7 @@ SCHEMES = ("builtin", "jsonl", "text", "tfds", "arrayrecord")
 TOKEN_DTYPE = np.dtype("<i4")
 ARRAYRECORD_SUFFIX = ".array_record"
 _MAX_WARNINGS = 10  # per source, for skipped records
+_ID_SAMPLE = 64     # arrayrecord records whose ids are checked when the source opens
 
 
 class DataError(errors.UserError, ValueError):
@@ -234,17 +235,39 @@ class TfdsSource:
 
 
 class ArrayRecordSource:
-  """calm-prepare shards: one int32 token-id array per document."""
+  """calm-prepare shards: one int32 token-id array per document.
 
-  def __init__(self, paths):
+  With vocab_size, ids must lie in [0, vocab_size): a sample of records is checked when
+  the source opens and every record when it is read, so shards prepared with another
+  tokenizer fail naming the file, the record and the id instead of training into NaN.
+  """
+
+  def __init__(self, paths, vocab_size=None):
     import grain  # pylint: disable=g-import-not-at-top
-    self._source = grain.sources.ArrayRecordDataSource(paths)
+    self._paths = list(paths)
+    self._files = [grain.sources.ArrayRecordDataSource([p]) for p in self._paths]
+    self._offsets = np.cumsum([0] + [len(f) for f in self._files]).tolist()
+    self._vocab_size = vocab_size
+    if vocab_size:
+      for index in np.linspace(0, len(self) - 1, num=min(len(self), _ID_SAMPLE), dtype=int):
+        self[int(index)]
 
   def __len__(self):
-    return len(self._source)
+    return self._offsets[-1]
 
   def __getitem__(self, index):
-    return decode_tokens(self._source[index])
+    if index < 0:
+      index += len(self)
+    part = bisect.bisect_right(self._offsets, index) - 1
+    ids = decode_tokens(self._files[part][index - self._offsets[part]])
+    if self._vocab_size and ids.size and (ids.max() >= self._vocab_size or ids.min() < 0):
+      bad = int(ids[(ids >= self._vocab_size) | (ids < 0)][0])
+      raise DataError(
+          f"{self._paths[part]} record {index - self._offsets[part]}: token id {bad} is outside "
+          f"the vocabulary of {self._vocab_size} ids (config.data.vocab_size, the tokenizer's): "
+          "the shards were prepared with another tokenizer. Prepare them again with this "
+          "config.data.tokenizer (calm-prepare), or set config.data.tokenizer to theirs.")
+    return ids
 
 
 class MixtureSource:
@@ -281,7 +304,7 @@ def _parse_tfds(body):
   return head, split
 
 
-def _parse_one(spec, skip_bad_records, check_only):
+def _parse_one(spec, skip_bad_records, check_only, vocab_size=None):
   """One SPEC (no ',') -> a source, or None when check_only (globs/scheme checked only)."""
   scheme, sep, body = spec.strip().partition(":")
   if not sep or scheme not in SCHEMES:
@@ -306,7 +329,7 @@ def _parse_one(spec, skip_bad_records, check_only):
     paths = _expand_glob(scheme, body)
     return None if check_only else TextSource(paths)
   paths = _expand_glob(scheme, body, suffix=ARRAYRECORD_SUFFIX)
-  return None if check_only else ArrayRecordSource(paths)
+  return None if check_only else ArrayRecordSource(paths, vocab_size)
 
 
 def _split_specs(spec):
@@ -322,9 +345,13 @@ def check_spec(spec):
     _parse_one(part, skip_bad_records=False, check_only=True)
 
 
-def parse_spec(spec, skip_bad_records=False):
-  """A SPEC (',' = mixture) -> a random-access source of str or int32[n] documents."""
-  sources = [_parse_one(p, skip_bad_records, check_only=False) for p in _split_specs(spec)]
+def parse_spec(spec, skip_bad_records=False, vocab_size=None):
+  """A SPEC (',' = mixture) -> a random-access source of str or int32[n] documents.
+
+  vocab_size: token-id sources (arrayrecord) check their ids against it.
+  """
+  sources = [_parse_one(p, skip_bad_records, check_only=False, vocab_size=vocab_size)
+             for p in _split_specs(spec)]
   return sources[0] if len(sources) == 1 else MixtureSource(sources)
 
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 
 import grain
@@ -215,12 +216,32 @@ class Checkpointer:
   def _save(self, step, args, force):
     if not force and not self.manager.should_save(step):
       return False
-    self.manager.wait_until_finished()        # the previous commit has read self._saving
+    self.wait()                               # the previous commit has read self._saving
     self._saving = step
-    started = self.manager.save(step, args=args, force=force)
+    try:
+      started = self.manager.save(step, args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_save_error(e)
     if started and not self.async_save:
-      self.manager.wait_until_finished()
+      self.wait()
     return started
+
+  def _raise_save_error(self, error):
+    """A save that failed writing (an OSError, or tensorstore's error carrying an OS error
+    code, e.g. a full disk) is a CheckpointError; anything else re-raises."""
+    cause, why = error, None
+    while cause is not None and why is None:
+      code = re.search(r"os_error_code='?(\d+)", str(cause))
+      why = (cause.strerror or str(cause) if isinstance(cause, OSError)
+             else os.strerror(int(code.group(1))) if code else None)
+      cause = cause.__cause__ or cause.__context__
+    if why is None:
+      raise error
+    raise CheckpointError(
+        f"Saving step {self._saving} in {self.directory} failed ({why}); the "
+        f"steps saved before ({saved_steps(os.path.dirname(self.directory)) or 'none'}) are "
+        "intact. Free disk space (or lower config.checkpoint.keep) and rerun the same command "
+        "to resume from the latest of them.") from error
 
   def save(self, step, params, train_state, data_iter, force=False):
     """Saves if `step` is due (or force); returns whether a save started."""
@@ -270,7 +291,7 @@ class Checkpointer:
   def save_params(self, step, params):
     """A params-only checkpoint (calm-convert); returns when it is written."""
     self._save(step, ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
-    self.manager.wait_until_finished()
+    self.wait()
 
   def param_shapes(self, step):
     """{'a/b/kernel': shape} of the params saved at `step`, from the metadata (no data read)."""
@@ -315,8 +336,14 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Returns when the save in flight is committed (a CheckpointError if it failed)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_save_error(e)
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

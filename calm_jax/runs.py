@@ -47,7 +47,11 @@ def param_count(tree):
 
 # -- The linked autoencoder -----------------------------------------------------------------
 def autoencoder_config(config):
-  """The resolved config of the stage-1 run that `config.autoencoder.workdir` names."""
+  """The resolved config of the stage-1 run that `config.autoencoder.workdir` names.
+
+  Also checks, from the directory listing, that the step to use is there (before anything
+  is built).
+  """
   ae_workdir = config.autoencoder.workdir
   if not os.path.isdir(ae_workdir):
     raise config_lib.ConfigError(
@@ -55,26 +59,30 @@ def autoencoder_config(config):
         "calm-train run of experiments/autoencoder.py.")
   ae_config = config_lib.load_config(ae_workdir)
   stages.check_autoencoder_compatible(config, ae_config, ae_workdir)
+  _autoencoder_step(config, checkpoint.saved_steps(ae_workdir))
   return ae_config
+
+
+def _autoencoder_step(config, steps):
+  """The step to use among the stage-1 run's `steps` (config.autoencoder.step, -1 = latest)."""
+  if not steps:
+    raise checkpoint.CheckpointError(
+        f"config.autoencoder.workdir={config.autoencoder.workdir!r} has no checkpoint; "
+        "let its calm-train run finish (or save one) first.")
+  step = config.autoencoder.step
+  if step != -1 and step not in steps:
+    raise checkpoint.CheckpointError(
+        f"config.autoencoder.step={step} is not among the checkpoints of "
+        f"{config.autoencoder.workdir} ({steps}): this CALM run was made with that step; "
+        "restore it, or point config.autoencoder.workdir at a copy that has it.")
+  return steps[-1] if step == -1 else step
 
 
 def autoencoder_step(config):
   """(Checkpointer, step) of the stage-1 run to use (config.autoencoder.step, -1 = latest)."""
   has_dir = os.path.isdir(checkpoint.checkpoint_dir(config.autoencoder.workdir))
   ckpt = checkpoint.Checkpointer(config.autoencoder.workdir, read_only=True) if has_dir else None
-  steps = ckpt.all_steps() if ckpt else []
-  if not steps:
-    raise checkpoint.CheckpointError(
-        f"config.autoencoder.workdir={config.autoencoder.workdir!r} has no checkpoint; "
-        "let its calm-train run finish (or save one) first.")
-  step = config.autoencoder.step
-  if step == -1:
-    step = steps[-1]
-  elif step not in steps:
-    raise checkpoint.CheckpointError(
-        f"config.autoencoder.step={step} is not among the checkpoints of "
-        f"{config.autoencoder.workdir} ({steps}).")
-  return ckpt, step
+  return ckpt, _autoencoder_step(config, ckpt.all_steps() if ckpt else [])
 
 
 def _tokenizer_digest(config, ae_config):

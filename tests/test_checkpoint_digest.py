@@ -5,10 +5,11 @@ Training resume falls back to the newest intact checkpoint; a params-only restor
 intact ones. The digest's own logic is also checked on a directory made here, and
 that writing it does not hold up the training thread.
 """
+import errno
 import json
 import os
 import pathlib
-import time
+import threading
 
 import grain
 import jax
@@ -68,21 +69,21 @@ def test_digest_names_the_changed_missing_and_truncated_file(tmp_path):
 def test_the_digest_is_written_in_the_background_before_the_commit(tmp_path, monkeypatch):
   """save() returns while the digest is still being written; the step appears with it."""
   real = checkpoint.write_step_digest
-  seen = []
+  released, seen = threading.Event(), []
 
-  def slow_digest(step_dir):
-    time.sleep(1.5)
-    seen.append(os.path.basename(step_dir))
+  def held_digest(step_dir):
+    seen.append((os.path.basename(step_dir), released.wait(timeout=60)))
     real(step_dir)
 
-  monkeypatch.setattr(checkpoint, "write_step_digest", slow_digest)
+  monkeypatch.setattr(checkpoint, "write_step_digest", held_digest)
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=5)
   it = iter(grain.MapDataset.range(4).to_iter_dataset())
-  start = time.perf_counter()
   ckpt.save(1, {"w": jnp.ones(8)}, {"step": jnp.array(1)}, it, force=True)
-  assert time.perf_counter() - start < 1.0        # the hashing runs in orbax's thread
+  released.set()                  # save() returned with the digest still held
   ckpt.close()
-  assert seen and seen[0].startswith("1" + checkpoint._TMP_SUFFIX)   # before the rename
+  (name, released_by_us), = seen
+  assert released_by_us                                   # it did not wait for the digest
+  assert name.startswith("1" + checkpoint._TMP_SUFFIX)   # written before the rename
   assert os.path.exists(os.path.join(checkpoint.checkpoint_dir(str(tmp_path)), "1",
                                      checkpoint.DIGEST_FILE))
 
@@ -128,3 +129,23 @@ def test_truncated_checkpoint_is_a_named_error_for_eval(tiny_tokenizer_path, tmp
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"bytes, \d+ when saved \(truncated\?\).*intact params: none"):
     runs.open_run(workdir, devices=one)
+
+
+def test_disk_full_while_saving_keeps_the_checkpoints_before(tiny_tokenizer_path, tmp_path,
+                                                             monkeypatch):
+  """Issue 14 item 9: a save that cannot be written is one error naming the intact steps."""
+  one = jax.devices()[:1]
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(_config(tiny_tokenizer_path, 2, 2), workdir, one)
+
+  def disk_full(step_dir):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), step_dir)
+
+  monkeypatch.setattr(checkpoint, "write_step_digest", disk_full)   # the save's last write
+  with pytest.raises(checkpoint.CheckpointError, match=r"Saving step 4 .*No space left on device"
+                     r".*steps saved before \(\[2\]\) are intact"):
+    loop.train_and_evaluate(_config(tiny_tokenizer_path, 4, 2), workdir, one)
+  assert checkpoint.saved_steps(workdir) == [2]
+  monkeypatch.undo()
+  loop.train_and_evaluate(_config(tiny_tokenizer_path, 4, 2), workdir, one)   # resumes from 2
+  assert checkpoint.saved_steps(workdir) == [2, 4]

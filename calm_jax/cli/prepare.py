@@ -5,17 +5,17 @@
 The shards and DIR/prepare.json are described in calm_jax/data/prepare.py. Train on them
 with --config.data.train=arrayrecord:DIR.
 """
-import argparse
 import os
 import sys
 
+from calm_jax import cli
 from calm_jax.data import prepare
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog="calm-prepare", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(prog="calm-prepare", description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="data SPEC to tokenize (see README)")
   parser.add_argument("--tokenizer", required=True,
                       help="SentencePiece .model, tokenizer.json or a directory with one")

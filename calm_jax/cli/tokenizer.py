@@ -4,11 +4,11 @@
 
 Special ids are fixed (tokenizer.py): pad 0, unk 1, bos 2, eos 3.
 """
-import argparse
 import itertools
 import sys
 import time
 
+from calm_jax import cli
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
 from experiments import common
@@ -31,7 +31,7 @@ class _Counter:
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog="calm-tokenizer", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(prog="calm-tokenizer", description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="data SPEC to train on (see README)")
   parser.add_argument("--vocab_size", type=int, required=True, help="number of pieces")
   parser.add_argument("--output", required=True, help="path of the .model file to write")

@@ -123,7 +123,8 @@ def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
                                vocab_size=tokenizer.vocab_size if tokenizer else None)
             if isinstance(spec, str) else spec)
   if len(source) == 0:
-    raise sources.DataError(f"The data SPEC {spec!r} has no documents.")
+    raise sources.DataError(f"The data SPEC {spec!r} has no documents (its files are empty, or "
+                            "every record is empty or was skipped); point it at data with text.")
 
   ds = grain.MapDataset.source(source)
   if shuffle:

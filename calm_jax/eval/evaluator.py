@@ -23,6 +23,7 @@ import tqdm
 from calm_jax import errors
 from calm_jax import stages
 from calm_jax.data import pipeline
+from calm_jax.data import sources
 from calm_jax.eval import brier
 from calm_jax.eval import unigram
 from calm_jax.parallel import sharding
@@ -70,14 +71,24 @@ def model_metrics(step_fn, params, config, tokenizer, batch_sharding, num_batche
   return {f"eval/{k}": float(v) / max(weight, 1.0) for k, v in totals.items()}
 
 
+def check_eval_args(data=None, max_tokens=None, brier_samples=None):
+  """The overrides of calm-eval / evaluate_run that cannot work: a UserError (no data read)."""
+  if max_tokens is not None and max_tokens < 0:
+    raise errors.UserError(f"--max_tokens={max_tokens}: give a token count, or 0 for the whole "
+                           "eval set.")
+  if brier_samples is not None and brier_samples < 2:
+    raise errors.UserError(
+        f"--brier_samples={brier_samples}: Brier-n needs at least 2 samples per position.")
+  if data:
+    sources.check_spec(data)
+
+
 def _eval_config(run, data, max_tokens, brier_samples):
+  check_eval_args(data, max_tokens, brier_samples)
   config = run.config.copy_and_resolve_references()
   if data:
     config.data.eval = data
   if brier_samples is not None:
-    if brier_samples < 2:
-      raise errors.UserError(
-          f"--brier_samples={brier_samples}: Brier-n needs at least 2 samples per position.")
     config.eval.brier_samples = brier_samples
   return config, config.eval.max_tokens if max_tokens is None else max_tokens
 

@@ -82,10 +82,9 @@ def _compile_then_meet(jitted, args, name):
 def _restore_or_init(config, parts, ckpt, tokenizer):
   """(state, train iterator or None): the latest good checkpoint, else a fresh or init_from state."""
   if not ckpt.all_steps():
+    params = state_lib.init_from_params(config, parts) if config.init_from else None
     state = state_lib.init_state(parts, config.train.seed)
-    if config.init_from:
-      state = state.replace(params=state_lib.init_from_params(config, parts))
-    return state, None
+    return (state if params is None else state.replace(params=params)), None
   abstract = checkpoint.abstract_like(parts["abstract_state"], parts["state_shardings"])
 
   def restore(step):
@@ -171,7 +170,8 @@ class _Bookkeeping:
 
   def save_on_error(self, error, state, train_iter):
     """Bad input found mid-run (e.g. a malformed record): keep the work done so far."""
-    if not isinstance(error, TrainingHalted) and self.completed > self.saved:
+    if (not isinstance(error, (TrainingHalted, checkpoint.CheckpointError))
+        and self.completed > self.saved):
       self.flush()
       logging.error("Saving step %d before stopping on: %s", self.completed, error)
       self.ckpt.save(self.completed, state.params, state.replace(params=None), train_iter,

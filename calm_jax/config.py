@@ -11,14 +11,20 @@ CONFIG_FILE = "config.json"
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "experiments")
 
-# Fields that may differ when a run is resumed: they change how long or how
-# verbosely a run goes, never what it computes.
+# Fields that may differ when a run is resumed: they change how verbosely a run goes
+# or how it is evaluated, never what it computes. (train.steps may change too when the
+# learning rate of the steps already taken stays the same: training/resume.py.)
 RESUMABLE_FIELDS = (
-    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.log_every", "train.eval_every", "train.eval_batches",
     "train.allow_config_change", "train.profile_steps", "checkpoint.every_steps", "checkpoint.keep",
     "checkpoint.async_save", "data.worker_count", "data.prefetch", "data.eval", "data.max_bad_fraction",
     "eval", "sampling", "log",
 )
+# Fields the first start resolves (an unset value -> a concrete one, saved in config.json),
+# with their unset value: a rerun that leaves them unset uses the saved value.
+RESOLVED_AT_START = {"data.tokenizer": "", "autoencoder.step": -1, "autoencoder.digest": "",
+                     "autoencoder.tokenizer_digest": ""}
+PATH_FIELDS = ("data.tokenizer", "autoencoder.workdir")   # compared and saved as absolute paths
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -80,6 +86,7 @@ _ADDED_FIELDS = (
     (None, "data.max_bad_fraction", lambda c: 1.0 if c.data.get("skip_bad_records") else 0.001),
     ("ar", "model.logits_chunk", 0),                                 # unchunked logits
     ("calm", "model.logits_chunk", 0),
+    ("calm", "autoencoder.tokenizer_digest", ""),
 )
 # Fields that were replaced; a saved config's value is read by _ADDED_FIELDS, then dropped.
 _REMOVED_FIELDS = ("data.skip_bad_records",)
@@ -116,6 +123,48 @@ def load_config(workdir):
       return _add_missing_fields(_from_json_value(json.load(f)))
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path} is not valid JSON ({e}); restore it or use a new workdir.") from e
+
+
+def _get(config, name):
+  node = config
+  for part in name.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _set(config, name, value):
+  *parents, leaf = name.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def absolute_paths(config):
+  """The config with its set PATH_FIELDS made absolute (relative to the current directory)."""
+  for name in PATH_FIELDS:
+    value = _get(config, name)
+    if isinstance(value, str) and value:
+      _set(config, name, os.path.abspath(value))
+  return config
+
+
+def with_saved_resolutions(config, saved):
+  """A rerun's config: RESOLVED_AT_START fields it leaves unset take the saved (resolved) values.
+
+  So a rerun of the same command compares equal to the saved config and uses exactly
+  what the first start resolved (the tokenizer, the autoencoder step and digests),
+  never a re-resolution (a newer autoencoder checkpoint). The saved config's paths are
+  made absolute too (configs saved before they were).
+  """
+  absolute_paths(config)
+  absolute_paths(saved)
+  for name, unset in RESOLVED_AT_START.items():
+    if _get(config, name) == unset and _get(saved, name) not in (None, unset):
+      _set(config, name, _get(saved, name))
+  return config
 
 
 def flatten(config, prefix=""):

@@ -47,7 +47,11 @@ def param_count(tree):
 
 # -- The linked autoencoder -----------------------------------------------------------------
 def autoencoder_config(config):
-  """The resolved config of the stage-1 run that `config.autoencoder.workdir` names."""
+  """The resolved config of the stage-1 run that `config.autoencoder.workdir` names.
+
+  Also checks, from the directory listing, that the step to use is there (before anything
+  is built).
+  """
   ae_workdir = config.autoencoder.workdir
   if not os.path.isdir(ae_workdir):
     raise config_lib.ConfigError(
@@ -55,49 +59,89 @@ def autoencoder_config(config):
         "calm-train run of experiments/autoencoder.py.")
   ae_config = config_lib.load_config(ae_workdir)
   stages.check_autoencoder_compatible(config, ae_config, ae_workdir)
+  _autoencoder_step(config, checkpoint.saved_steps(ae_workdir))
   return ae_config
+
+
+def _autoencoder_step(config, steps):
+  """The step to use among the stage-1 run's `steps` (config.autoencoder.step, -1 = latest)."""
+  if not steps:
+    raise checkpoint.CheckpointError(
+        f"config.autoencoder.workdir={config.autoencoder.workdir!r} has no checkpoint; "
+        "let its calm-train run finish (or save one) first.")
+  step = config.autoencoder.step
+  if step != -1 and step not in steps:
+    raise checkpoint.CheckpointError(
+        f"config.autoencoder.step={step} is not among the checkpoints of "
+        f"{config.autoencoder.workdir} ({steps}): this CALM run was made with that step; "
+        "restore it, or point config.autoencoder.workdir at a copy that has it.")
+  return steps[-1] if step == -1 else step
 
 
 def autoencoder_step(config):
   """(Checkpointer, step) of the stage-1 run to use (config.autoencoder.step, -1 = latest)."""
   has_dir = os.path.isdir(checkpoint.checkpoint_dir(config.autoencoder.workdir))
   ckpt = checkpoint.Checkpointer(config.autoencoder.workdir, read_only=True) if has_dir else None
-  steps = ckpt.all_steps() if ckpt else []
-  if not steps:
-    raise checkpoint.CheckpointError(
-        f"config.autoencoder.workdir={config.autoencoder.workdir!r} has no checkpoint; "
-        "let its calm-train run finish (or save one) first.")
-  step = config.autoencoder.step
-  if step == -1:
-    step = steps[-1]
-  elif step not in steps:
-    raise checkpoint.CheckpointError(
-        f"config.autoencoder.step={step} is not among the checkpoints of "
-        f"{config.autoencoder.workdir} ({steps}).")
-  return ckpt, step
+  return ckpt, _autoencoder_step(config, ckpt.all_steps() if ckpt else [])
+
+
+def _tokenizer_digest(config, ae_config):
+  """The digest of the autoencoder's tokenizer, which must be the one this run uses too."""
+  digests = {}
+  for path, whose in ((ae_config.data.tokenizer, f"the autoencoder's ({config.autoencoder.workdir}"
+                       f"/{config_lib.CONFIG_FILE}: config.data.tokenizer)"),
+                      (config.data.tokenizer, "this run's config.data.tokenizer")):
+    if path and not os.path.exists(path):
+      raise config_lib.ConfigError(
+          f"The tokenizer {path!r}, {whose}, does not exist: the autoencoder's token ids cannot "
+          "be checked. Restore the file, or point config.autoencoder.workdir at a run whose "
+          "tokenizer is there.")
+    if path:
+      digests[path] = tokenizer_lib.digest(path)
+  if len(set(digests.values())) > 1:
+    raise config_lib.ConfigError(
+        f"config.data.tokenizer={config.data.tokenizer!r} differs from the autoencoder's "
+        f"tokenizer {ae_config.data.tokenizer!r}; leave config.data.tokenizer empty to use the "
+        "autoencoder's.")
+  return digests[ae_config.data.tokenizer]
+
+
+def _check_or_record(config, field, value, what):
+  """config.autoencoder.<field> := value at the first start; afterwards it must stay equal."""
+  recorded = config.autoencoder[field]
+  if recorded and recorded != value:
+    raise config_lib.ConfigError(
+        f"{what} has {field} {value[:16]}..., but config.autoencoder.{field}="
+        f"{recorded[:16]}... (recorded at this run's first start) names another: this CALM run "
+        "was made with a different autoencoder. Point config.autoencoder.workdir/step at that "
+        "one; a CALM run never switches autoencoders.")
+  config.autoencoder[field] = value
 
 
 def restore_frozen(config, parts):
   """The stage-1 autoencoder's params, restored into this mesh's shardings ({} without one).
 
-  With config.autoencoder.digest set, the restored params must have that digest.
+  The step, params digest and tokenizer digest (config.autoencoder.step/digest/
+  tokenizer_digest) are recorded into `config` when unset (the first start of a CALM
+  run, which saves them) and must match when set: a resumed, evaluated or sampled CALM
+  run uses exactly the autoencoder it was trained with, or fails naming what changed.
   """
   if not parts["abstract_frozen"]:
     return {}
+  ae_config = parts["ae_config"]
+  tokenizer_digest = _tokenizer_digest(config, ae_config)
   ckpt, step = autoencoder_step(config)
   abstract = checkpoint.abstract_like(parts["abstract_frozen"]["autoencoder"],
                                       parts["frozen_shardings"]["autoencoder"])
   logging.info("Restoring the frozen autoencoder from %s step %d", ckpt.directory, step)
-  params = ckpt.restore_params(step, abstract)
-  ckpt.close()
-  if config.autoencoder.digest:
-    digest = checkpoint.params_digest(params)
-    if digest != config.autoencoder.digest:
-      raise config_lib.ConfigError(
-          f"The autoencoder in {config.autoencoder.workdir} step {step} has params digest "
-          f"{digest[:16]}..., but config.autoencoder.digest={config.autoencoder.digest[:16]}... "
-          "names another one: this CALM run was made with a different autoencoder. Point "
-          "config.autoencoder.workdir/step at that one (or clear the digest to accept this).")
+  try:
+    params = ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
+  where = f"The autoencoder in {config.autoencoder.workdir}"
+  _check_or_record(config, "digest", checkpoint.params_digest(params), f"{where} step {step}")
+  _check_or_record(config, "tokenizer_digest", tokenizer_digest, f"{where}'s tokenizer")
+  config.autoencoder.step = step
   return {"autoencoder": params}
 
 
@@ -122,16 +166,10 @@ def resolve_tokenizer(config, workdir, is_primary, wait_for_primary, ae_config=N
   The path is a SentencePiece .model, or a Hugging Face tokenizer.json or directory
   holding one (tokenizer.load). Empty means: for a CALM run, the autoencoder's tokenizer
   (ae_config: its resolved config); otherwise one trained from config.data.train into
-  WORKDIR/tokenizer.model (reused when it exists).
+  WORKDIR/tokenizer.model (reused when it exists). A CALM run's tokenizer is checked
+  against its autoencoder's in restore_frozen.
   """
   path = config.data.tokenizer
-  if path and stages.get(config).needs_autoencoder:
-    ae_tokenizer = (ae_config or autoencoder_config(config)).data.tokenizer
-    if os.path.exists(path) and os.path.exists(ae_tokenizer) and (
-        tokenizer_lib.digest(path) != tokenizer_lib.digest(ae_tokenizer)):
-      raise config_lib.ConfigError(
-          f"config.data.tokenizer={path!r} differs from the autoencoder's tokenizer "
-          f"{ae_tokenizer!r}; leave config.data.tokenizer empty to use the autoencoder's.")
   if not path:
     path = default_tokenizer_path(config, workdir, ae_config)
   if not config.data.tokenizer and path == _workdir_tokenizer_path(workdir):

@@ -153,6 +153,10 @@ def require(config, names, message):
 
 def check_autoencoder_compatible(calm_config, ae_config, ae_workdir):
   """Stage-2 config vs the stage-1 run it links to; raises before anything compiles."""
+  if ae_config.stage != "autoencoder":
+    raise config_lib.ConfigError(
+        f"config.autoencoder.workdir={ae_workdir} is a {ae_config.stage!r} run, "
+        "not an autoencoder run.")
   checks = [
       ("model.patch_size", calm_config.model.patch_size, ae_config.model.patch_size),
       ("model.latent_dim", calm_config.model.latent_dim, ae_config.model.latent_dim),
@@ -163,10 +167,6 @@ def check_autoencoder_compatible(calm_config, ae_config, ae_workdir):
       raise config_lib.ConfigError(
           f"config.{field}={mine} does not match the autoencoder in {ae_workdir} "
           f"({field}={theirs}); pass --config.{field}={theirs} or train a matching autoencoder.")
-  if ae_config.stage != "autoencoder":
-    raise config_lib.ConfigError(
-        f"config.autoencoder.workdir={ae_workdir} is a {ae_config.stage!r} run, "
-        "not an autoencoder run.")
 
 
 def same_stage(config, other):

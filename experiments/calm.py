@@ -37,9 +37,12 @@ def get_config(arg=None):
 
   config.autoencoder = ml_collections.ConfigDict(dict(
       workdir="",                           # a finished stage-1 run (required)
-      step=-1,                              # -1: its latest checkpoint
-      digest="",                            # sha256 of its params (checkpoint.params_digest),
-                                            # checked when set; calm-convert sets it
+      step=-1,                              # -1: its latest checkpoint at this run's first
+                                            # start (then recorded in config.json)
+      digest="",                            # sha256 of its params (checkpoint.params_digest):
+                                            # recorded at the first start, checked after
+      tokenizer_digest="",                  # sha256 of its tokenizer (tokenizer.digest): the
+                                            # same
   ))
 
   model = common.backbone_config(arg.size, s["vocab_size"], patch_size=arg.K)

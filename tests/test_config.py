@@ -77,7 +77,7 @@ def test_save_load_roundtrip_and_changes(tmp_path):
   loaded = config_lib.load_config(str(tmp_path))
   assert config_lib.config_changes(loaded, config) == []
   assert loaded.mesh.rules == config.mesh.rules
-  config.train.steps += 10            # resumable: longer run
+  config.train.log_every += 10        # resumable: logging (train.steps: training/resume.py)
   assert config_lib.config_changes(loaded, config) == []
   config.model.hidden = 64
   assert config_lib.config_changes(loaded, config) == [("model.hidden", 128, 64)]

@@ -10,6 +10,11 @@ in general the global batch depends on the process count. The corpus here is one
 127-token document repeated: document + EOS = 128 tokens = 4 rows of seq_len 32, so
 every process's stream is rows q0 q1 q2 q3 q0 q1 ..., and the global batch of 8
 rows is [q0..q3 | q0..q3] with 1 or 2 processes alike, in the same order.
+
+The AR stage also evaluates (issue 14 item 10) on 5 such documents: process 0 reads 3
+(3 batches of its 4 rows), process 1 reads 2 (2 batches), so the processes must agree to
+run 3 steps, process 1 feeding padding in the last; the eval metrics must equal the
+one-process run's over the same 5 documents.
 """
 import json
 import os
@@ -24,6 +29,7 @@ import pytest
 
 from calm_jax.data import sources
 from calm_jax.data import tokenizer as tokenizer_lib
+from tests.test_token_ids import _shard
 
 pytestmark = pytest.mark.multihost
 
@@ -40,25 +46,19 @@ CONFIGS = {"autoencoder": "experiments/autoencoder.py:size=tiny",
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  """(tokenizer path, arrayrecord SPEC) of the repeated-document corpus."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  """(tokenizer path, arrayrecord SPEC of 64 documents, SPEC of 5 for the uneven eval)."""
   root = tmp_path_factory.mktemp("multiprocess")
   tokenizer = root / "tokenizer.model"
   tokenizer_lib.train_tokenizer(sources.iter_texts("builtin:python_docs"), vocab_size=VOCAB,
                                 output_path=str(tokenizer), max_chars=300_000)
   ids = 4 + (np.arange(DOC_LEN) * 37) % (VOCAB - 4)   # varied ids, no special ids
-  data = root / "data"
-  data.mkdir()
-  writer = array_record_module.ArrayRecordWriter(
-      str(data / f"train-00000-of-00001{sources.ARRAYRECORD_SUFFIX}"), "group_size:1")
-  for _ in range(64):
-    writer.write(sources.encode_tokens(ids))
-  writer.close()
-  return str(tokenizer), f"arrayrecord:{data}"
+  _shard(root / "data", [ids] * 64)
+  _shard(root / "eval", [ids] * 5)
+  return str(tokenizer), f"arrayrecord:{root / 'data'}", f"arrayrecord:{root / 'eval'}"
 
 
 def _overrides(corpus):
-  tokenizer, spec = corpus
+  tokenizer, spec, _ = corpus
   return [f"--config.data.tokenizer={tokenizer}", f"--config.data.vocab_size={VOCAB}",
           f"--config.model.vocab_size={VOCAB}", f"--config.data.train={spec}",
           f"--config.data.eval={spec}", f"--config.data.seq_len={SEQ_LEN}",
@@ -80,10 +80,12 @@ def _env(devices):
 
 
 def _losses(workdir):
+  """The loss of every step, then the eval metrics (if any) in name order."""
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
   assert sorted(losses) == list(range(1, STEPS + 1)), rows
-  return [losses[s] for s in sorted(losses)]
+  evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+  return [losses[s] for s in sorted(losses)] + [evals[k] for k in sorted(evals)]
 
 
 def _run(command, devices, log_path):
@@ -130,7 +132,7 @@ def _check_stage(stage, corpus, root, extra=()):
   print(f"{stage}: 2 processes x 2 devices {t_two:.0f}s, 1 process x 4 devices {t_one:.0f}s")
   multi, reference = _losses(two), _losses(one)
   np.testing.assert_allclose(multi, reference, rtol=2e-5, atol=1e-6)
-  assert multi[-1] != multi[0]             # it trained: the loss moved
+  assert multi[STEPS - 1] != multi[0]      # it trained: the loss moved
   return two
 
 
@@ -147,4 +149,8 @@ def test_autoencoder_and_calm_two_processes_match_one(corpus, workdirs):
 
 
 def test_ar_two_processes_match_one(corpus, workdirs):
-  _check_stage("ar", corpus, workdirs)
+  """Also its eval on uneven per-process data (no hang, no dropped or doubled documents)."""
+  two = _check_stage("ar", corpus, workdirs, [
+      f"--config.data.eval={corpus[2]}", f"--config.train.eval_every={STEPS}",
+      "--config.train.eval_batches=0"])
+  assert "eval/loss" in (two / "metrics.jsonl").read_text()

@@ -3,13 +3,17 @@
 The modules here (train, eval, generate, quickstart, diagnose, convert, tokenizer, prepare,
 plot, reference_check) are the only ones in calm_jax that parse flags or read experiments/.
 """
+import argparse
+import difflib
 import logging
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+import ml_collections
 
+from calm_jax import config as config_lib
 from calm_jax import errors
 
 _QUIET_PACKAGES = ("/orbax/", "/grain/", "/jax/", "/flax/", "/etils/", "/tensorflow_datasets/")
@@ -40,6 +44,75 @@ def setup_plain_logging():
   logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for calm-tokenizer and calm-prepare: a bad flag is one `error:` line, exit 2."""
+
+  def error(self, message):
+    print(f"{self.prog}: error: {message} (--help lists the flags)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_spec(argv):
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith("--config="):
+      return arg.partition("=")[2]
+  return None
+
+
+def _unknown_field(name, config):
+  """Why `--config.NAME` names no field (with the nearest ones), or None if it does."""
+  node, path = config, ["config"]
+  for part in name.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"{'.'.join(path)} is a value, not a section"
+    if part not in node:
+      keys = sorted(node.keys())
+      near = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+      where = ".".join(path)
+      return (f"{where} has no field {part!r}; nearest: "
+              f"{', '.join(f'{where}.{k}' for k in near) or 'none'} (all: {', '.join(keys)})")
+    node, path = node[part], path + [part]
+  return None
+
+
+def config_flag_error(argv, error):
+  """The one line for a --config or --config.FIELD=VALUE that failed to parse (error: why)."""
+  spec = _config_spec(argv)
+  if spec is None:
+    return error
+  try:
+    config = config_lib.load_config_file(spec)
+  except Exception as e:  # pylint: disable=broad-except
+    return (f"--config={spec} cannot be loaded ({type(e).__name__}: {e}); give "
+            "experiments/FILE.py[:variant=value,...] with the variants its docstring lists.")
+  for arg in argv:
+    if arg.startswith("--config."):
+      name = arg[len("--config."):].partition("=")[0]
+      why = _unknown_field(name, config)
+      if why:
+        return f"--config.{name}: {why}."
+  return f"{error}; give each --config.FIELD a value of the field's type."
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with every failure (a config override too) as one `error:` line."""
+  try:
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+      flags.FLAGS.config.get("stage")       # config_flags defers a load failure to first use
+    return rest
+  except flags.Error as e:
+    message = str(e).splitlines()[0]
+    if "--config" in message:
+      message = config_flag_error(argv, message)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    message = config_flag_error(argv, f"{type(e).__name__}: {e}")
+  print(f"error: {message} (--helpfull lists the flags)", file=sys.stderr)
+  sys.exit(1)
+
+
 def run_app(main, required, modules, takes_args=False):
   """Runs main() under absl with the log setup and the one-line exit for a UserError.
 
@@ -62,7 +135,7 @@ def run_app(main, required, modules, takes_args=False):
     with errors.exit_on_user_error():
       main(argv[1:]) if takes_args else main()
 
-  app.run(absl_main)
+  app.run(absl_main, flags_parser=_parse_flags)
 
 
 def inference_defaults(config):

@@ -72,6 +72,10 @@ def _eval_all_steps(workdir, data, output, max_tokens, seed, brier_samples):
 def main_eval(workdir, data=None, step=None, output=None, max_tokens=None, seed=0,
               brier_samples=None):
   """What calm-eval does; returns the list of results written."""
+  evaluator.check_eval_args(data, max_tokens, brier_samples)      # before restoring anything
+  if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+    raise errors.UserError(f"--output={output!r}: its directory does not exist; create it or "
+                           "write elsewhere.")
   if step == "all":
     return _eval_all_steps(workdir, data, output, max_tokens, seed, brier_samples)
   if step is not None and not step.isdigit():

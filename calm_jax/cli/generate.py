@@ -15,6 +15,7 @@ in sampling/decode.py.
 from absl import flags
 
 from calm_jax import cli
+from calm_jax import config as config_lib
 from calm_jax import runs
 from calm_jax.sampling import decode
 from calm_jax.sampling import generate
@@ -35,10 +36,12 @@ def define_flags():
 
 
 def main():
-  run = runs.open_run(FLAGS.workdir, fill_config=cli.inference_defaults)
+  saved = cli.inference_defaults(config_lib.load_config(FLAGS.workdir))
   sampling = decode.frozen_sampling(
-      run.config.sampling, temperature=FLAGS.temperature, max_tokens=FLAGS.max_tokens,
+      saved.sampling, temperature=FLAGS.temperature, max_tokens=FLAGS.max_tokens,
       num_samples=FLAGS.num_samples, method=FLAGS.method, top_k=FLAGS.top_k)
+  generate.check_sampling(sampling)                 # bad flags fail before anything is restored
+  run = runs.open_run(FLAGS.workdir, fill_config=cli.inference_defaults)
   out = generate.generate(run, FLAGS.prompt, sampling, FLAGS.seed)
   print(f"\n{run.config.stage} step {run.step}, T={sampling.temperature}, "
         f"{sampling.num_samples} samples:")

@@ -8,7 +8,6 @@ Progress: a bar with rate and ETA on a terminal, a log line every 30 s otherwise
 Rerun the same command after a kill: it resumes. Train on the shards with
 --config.data.train=arrayrecord:DIR.
 """
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ from calm_jax.data import tokenizer as tokenizer_lib
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog="calm-prepare", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(prog="calm-prepare", description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="data SPEC to tokenize (see README)")
   parser.add_argument("--tokenizer", required=True,
                       help="SentencePiece .model, tokenizer.json or a directory with one")

@@ -12,7 +12,9 @@ Stages (each with its own progress bar), all in this process:
 A summary table is printed and written to Q/summary.json, the training curves of both runs
 to Q/curves.png (calm-plot). Re-running on the same workdir reuses finished stages: the
 tokenizer file is kept and the trainer resumes each run from its last checkpoint (returning
-at once when it is done).
+at once when it is done), so a rerun after a kill finishes the interrupted stage before it
+starts the next. SIGTERM or Ctrl-C saves the stage's run and stops the quickstart there. One
+quickstart at a time per workdir (training/workdir_lock.py).
 --small shrinks everything (steps, vocab, eval tokens) for the test suite.
 The sizes below are the quickstart's own overrides of the experiment configs.
 """
@@ -34,6 +36,7 @@ from calm_jax.eval import evaluator
 from calm_jax.sampling import decode
 from calm_jax.sampling import generate
 from calm_jax.training import loop
+from calm_jax.training import workdir_lock
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "experiments")
@@ -83,10 +86,24 @@ def _stage(title):
   return time.perf_counter()
 
 
+def _train_stage(config, workdir, devices):
+  """Trains (or finishes) one stage's run; False when SIGTERM/Ctrl-C stopped it (saved)."""
+  metrics = loop.train_and_evaluate(config, workdir, devices)
+  if "preempted_at_step" in metrics:
+    print(f"Stopped: {workdir} saved at step {metrics['preempted_at_step']}; rerun the same "
+          "command to finish this stage and go on.", flush=True)
+    return False
+  return True
+
+
 def run_quickstart(workdir, small=False, devices=None):
-  """Runs (or resumes) every stage in `workdir`; returns the summary dict."""
-  p = PROFILES["small" if small else "full"]
-  os.makedirs(workdir, exist_ok=True)
+  """Runs (or resumes) every stage in `workdir`; returns the summary dict (None if stopped)."""
+  with workdir_lock.WorkdirLock(workdir, "calm-quickstart"):
+    return _run_stages(workdir, PROFILES["small" if small else "full"], devices)
+
+
+def _run_stages(workdir, p, devices):
+  """run_quickstart's stages, in order, on the locked workdir."""
   timings = {}
 
   t = _stage("1/5 tokenizer")
@@ -101,7 +118,8 @@ def run_quickstart(workdir, small=False, devices=None):
   ae_dir = os.path.join(workdir, "autoencoder")
   ae_config = _config("autoencoder.py:size=tiny", p, tokenizer_path, p["ae_batch"],
                       p["ae_steps"], p["ae_lr"], p["seq_len"])
-  loop.train_and_evaluate(ae_config, ae_dir, devices)
+  if not _train_stage(ae_config, ae_dir, devices):
+    return None
   timings["autoencoder"] = time.perf_counter() - t
 
   t = _stage("3/5 calm (energy head)")
@@ -110,7 +128,8 @@ def run_quickstart(workdir, small=False, devices=None):
                         p["calm_steps"], p["calm_lr"], p["calm_seq_len"],
                         autoencoder=dict(workdir=os.path.abspath(ae_dir)))
   calm_config.model.latent_dim = ae_config.model.latent_dim
-  loop.train_and_evaluate(calm_config, calm_dir, devices)
+  if not _train_stage(calm_config, calm_dir, devices):
+    return None
   timings["calm"] = time.perf_counter() - t
 
   t = _stage("4/5 eval")
@@ -135,7 +154,7 @@ def run_quickstart(workdir, small=False, devices=None):
 
   summary = {
       "workdir": os.path.abspath(workdir),
-      "profile": "small" if small else "full",
+      "profile": "small" if p is PROFILES["small"] else "full",
       "autoencoder_steps": ae_run.step,
       "autoencoder_token_accuracy": ae_result["token_accuracy"],
       "autoencoder_token_accuracy_noisy": ae_result["token_accuracy_noisy"],

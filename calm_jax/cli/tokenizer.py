@@ -4,7 +4,6 @@
 
 Special ids are fixed (tokenizer.py): pad 0, unk 1, bos 2, eos 3.
 """
-import argparse
 import itertools
 import sys
 import time
@@ -46,7 +45,7 @@ def max_bad_fraction(args):
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog="calm-tokenizer", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(prog="calm-tokenizer", description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="data SPEC to train on (see README)")
   parser.add_argument("--vocab_size", type=int, required=True, help="number of pieces")
   parser.add_argument("--output", required=True, help="path of the .model file to write")

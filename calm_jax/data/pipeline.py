@@ -130,7 +130,9 @@ def _packed(source, example, seq_len, name, *, shuffle, seed, repeat, process_in
     ds = ds.filter(_is_nonempty).map(example)
   else:
     if len(source) == 0:
-      raise sources.DataError(f"The data SPEC {name!r} has no documents.")
+      raise sources.DataError(f"The data SPEC {name!r} has no documents (its files are empty, "
+                              "or every record is empty or was skipped); point it at data with "
+                              "text.")
     ds = grain.MapDataset.source(source)
     if shuffle:
       ds = ds.shuffle(seed=seed)
@@ -178,7 +180,9 @@ def make_dataset(spec, tokenizer, *, seq_len, batch_size, packing="concat",
     raise ValueError(f"seq_len={seq_len} is not a multiple of the chunk size K={chunk_size}.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-  source = sources.parse_spec(spec, max_bad_fraction) if isinstance(spec, str) else spec
+  source = (sources.parse_spec(spec, max_bad_fraction,
+                               vocab_size=tokenizer.vocab_size if tokenizer else None)
+            if isinstance(spec, str) else spec)
   order = dict(shuffle=shuffle, repeat=repeat, process_index=process_index,
                process_count=process_count)
   example = _ToExample(tokenizer, chunk_size if packing == "chunk_aligned" else 1,

@@ -43,25 +43,16 @@ from calm_jax.data import builtin
 from calm_jax.data import line_index
 from calm_jax.data import records
 from calm_jax.data import streams
+from calm_jax.data import token_records
 
 SCHEMES = ("builtin", "jsonl", "lines", "text", "parquet", "tfds", "arrayrecord")
-# ArrayRecord record encoding (written by prepare.py, read here): the token ids
-# of one document as little-endian int32 bytes, no header.
-TOKEN_DTYPE = np.dtype("<i4")
-ARRAYRECORD_SUFFIX = ".array_record"
 _MAX_WARNINGS = 10  # per source, for skipped records
 DataError = records.DataError
+# The ArrayRecord token shards (token_records.py), named here for the callers of sources.
+TOKEN_DTYPE, ARRAYRECORD_SUFFIX = token_records.TOKEN_DTYPE, token_records.ARRAYRECORD_SUFFIX
+encode_tokens, decode_tokens = token_records.encode_tokens, token_records.decode_tokens
+ArrayRecordSource = token_records.ArrayRecordSource
 _WEIGHT = re.compile(r"^(.*)@\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$", re.S)
-
-
-def encode_tokens(ids):
-  """Token ids -> one ArrayRecord record (little-endian int32 bytes)."""
-  return np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()
-
-
-def decode_tokens(record):
-  """One ArrayRecord record -> int32[n] token ids."""
-  return np.frombuffer(record, dtype=TOKEN_DTYPE).astype(np.int32, copy=False)
 
 
 def _log_skipped(what, empty, invalid):
@@ -202,20 +193,6 @@ class TfdsSource:
     return text
 
 
-class ArrayRecordSource:
-  """calm-prepare shards: one int32 token-id array per document."""
-
-  def __init__(self, paths):
-    import grain  # pylint: disable=g-import-not-at-top
-    self._source = grain.sources.ArrayRecordDataSource(paths)
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, index):
-    return decode_tokens(self._source[index])
-
-
 class MixtureSource:
   """The concatenation of several sources (index i runs through them in order)."""
 
@@ -270,7 +247,7 @@ def _lines_source(scheme, pattern, field, max_bad_fraction, check_only):
   return LinesSource(scheme, paths, field, max_bad_fraction)
 
 
-def _parse_one(spec, max_bad_fraction, check_only):
+def _parse_one(spec, max_bad_fraction, check_only, vocab_size=None):
   """One SPEC (no ',', no weight) -> a source, or None when check_only (globs/scheme checked only)."""
   scheme, sep, body = spec.strip().partition(":")
   if not sep or scheme not in SCHEMES:
@@ -298,7 +275,7 @@ def _parse_one(spec, max_bad_fraction, check_only):
     paths = expand_glob(scheme, body)
     return None if check_only else TextSource(paths)
   paths = expand_glob(scheme, body, suffix=ARRAYRECORD_SUFFIX)
-  return None if check_only else ArrayRecordSource(paths)
+  return None if check_only else ArrayRecordSource(paths, vocab_size)
 
 
 def split_specs(spec):
@@ -325,13 +302,15 @@ def check_spec(spec):
     _parse_one(part, max_bad_fraction=0.0, check_only=True)
 
 
-def parse_spec(spec, max_bad_fraction=0.0):
+def parse_spec(spec, max_bad_fraction=0.0, vocab_size=None):
   """A SPEC -> a source: random access, a StreamSource, or a WeightedMixture of them.
 
   max_bad_fraction: the fraction of bad lines tolerated (skipped and counted) before failing.
+  vocab_size: token-id sources (arrayrecord) check their ids against it.
   """
   parts = split_specs(spec)
-  sources = [_parse_one(p, max_bad_fraction, check_only=False) for p, _ in parts]
+  sources = [_parse_one(p, max_bad_fraction, check_only=False, vocab_size=vocab_size)
+             for p, _ in parts]
   if parts[0][1] is not None:
     return WeightedMixture(tuple(sources), tuple(w for _, w in parts))
   if len(sources) == 1:

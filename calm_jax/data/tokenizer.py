@@ -123,8 +123,10 @@ def train_tokenizer(texts, vocab_size, output_path, model_type="bpe", max_chars=
       if "smaller than required_chars" not in str(e) or coverage == _CHARACTER_COVERAGES[-1]:
         raise TokenizerError(f"Training the tokenizer {output_path} failed: {e}") from e
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  with open(output_path, "wb") as f:
+  tmp = f"{output_path}.tmp-{os.getpid()}"     # renamed into place: a kill never leaves half a file
+  with open(tmp, "wb") as f:
     f.write(model)
+  os.replace(tmp, output_path)
   logging.info("Wrote a %d-piece %s tokenizer to %s (trained in %.1f s)", vocab_size, model_type,
                output_path, time.monotonic() - start)
   return Tokenizer.load(output_path)

@@ -13,6 +13,7 @@ the stage's terms (stages.py) on a restored run and returns:
   run: num_tokens, step, workdir, block_len, data, seed, brier_samples, stage. Block length
   moves BrierLM a lot (longer context), so compare runs at the same block_len.
 """
+import itertools
 import os
 import sys
 
@@ -23,8 +24,10 @@ from calm_jax import errors
 from calm_jax import progress as progress_lib
 from calm_jax import stages
 from calm_jax.data import pipeline
+from calm_jax.data import sources
 from calm_jax.eval import brier
 from calm_jax.eval import unigram
+from calm_jax.parallel import distributed
 from calm_jax.parallel import sharding
 
 _JITTED = {}   # (id(model), brier_samples) -> (model, jitted terms)
@@ -37,23 +40,40 @@ def jit_terms(fn, param_shardings, mesh, axis_rules):
                                    replicated), out_shardings=replicated)
 
 
+def _padding_batch(config):
+  """An all-PAD, mask-0 local batch: what a process that ran out of eval data feeds."""
+  shape = (config.eval.batch_size // jax.process_count(), config.eval.block_len)
+  return {"tokens": np.zeros(shape, np.int32), "mask": np.zeros(shape, np.int32)}
+
+
 def accumulate(step_fn, params, config, tokenizer, batch_sharding, rng, max_batches=0,
                max_tokens=0, on_batch=None):
   """(totals, num_tokens): step_fn's (values * weight) and weight summed over the eval batches.
 
   Batch i gets fold_in(rng, i). Stops after max_batches batches or once max_tokens real
   tokens are seen (0: no cap). on_batch(local_batch, tokens) runs after every batch.
+  Multi-host: every process reads its own documents, so their passes differ in length;
+  before each batch the processes exchange their real token counts (the coordination
+  service), all run as many steps as the longest pass, and a process that ran out feeds
+  mask-0 padding, which carries no weight.
   """
   totals, num_tokens = {"weight": 0.0}, 0
-  for i, local in enumerate(pipeline.make_checked_iterator(config, tokenizer, "eval")):
+  iterator = pipeline.make_checked_iterator(config, tokenizer, "eval")
+  for i in itertools.count():
     if max_batches and i >= max_batches:
       break
+    local = next(iterator, None)
+    counts = distributed.all_processes(
+        "eval_batch", str(-1 if local is None else int(np.sum(local["mask"]))))
+    if all(int(c) < 0 for c in counts):
+      break
+    local = _padding_batch(config) if local is None else local
     batch = sharding.to_global_batch(local, batch_sharding)
     values, weight = jax.device_get(step_fn(params, batch, jax.random.fold_in(rng, i)))
     for k, v in values.items():
       totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64) * float(weight)
     totals["weight"] += float(weight)
-    tokens = int(np.sum(jax.device_get(batch["mask"])))
+    tokens = sum(max(int(c), 0) for c in counts)
     num_tokens += tokens
     if on_batch is not None:
       on_batch(local, tokens)
@@ -70,14 +90,24 @@ def model_metrics(step_fn, params, config, tokenizer, batch_sharding, num_batche
   return {f"eval/{k}": float(v) / max(weight, 1.0) for k, v in totals.items()}
 
 
+def check_eval_args(data=None, max_tokens=None, brier_samples=None):
+  """The overrides of calm-eval / evaluate_run that cannot work: a UserError (no data read)."""
+  if max_tokens is not None and max_tokens < 0:
+    raise errors.UserError(f"--max_tokens={max_tokens}: give a token count, or 0 for the whole "
+                           "eval set.")
+  if brier_samples is not None and brier_samples < 2:
+    raise errors.UserError(
+        f"--brier_samples={brier_samples}: Brier-n needs at least 2 samples per position.")
+  if data:
+    sources.check_spec(data)
+
+
 def _eval_config(run, data, max_tokens, brier_samples):
+  check_eval_args(data, max_tokens, brier_samples)
   config = run.config.copy_and_resolve_references()
   if data:
     config.data.eval = data
   if brier_samples is not None:
-    if brier_samples < 2:
-      raise errors.UserError(
-          f"--brier_samples={brier_samples}: Brier-n needs at least 2 samples per position.")
     config.eval.brier_samples = brier_samples
   return config, config.eval.max_tokens if max_tokens is None else max_tokens
 

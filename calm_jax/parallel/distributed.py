@@ -234,6 +234,30 @@ def initialize(mode=None, coordinator_address=None, num_processes=None, process_
   return True
 
 
+def _coordination(name):
+  """(client, a fresh key for `name`) of the coordination service; (None, None) on one process.
+
+  Every process calls the same sequence of barrier/from_primary/all_processes, so the
+  counter in the key agrees across processes.
+  """
+  global _barriers
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
+  client = jax_distributed.global_state.client
+  if jax.process_count() == 1 or client is None:
+    return None, None
+  _barriers += 1
+  return client, f"calm_jax:{name}:{_barriers}"
+
+
+def _waited(what, timeout_s, error):
+  import jax  # pylint: disable=g-import-not-at-top
+  return DistributedError(
+      f"Process {jax.process_index()} waited {timeout_s:.0f} s for {what} ({error}); check the "
+      "other processes' logs for the one that failed or hangs.")
+
+
 def barrier(name, timeout_s=1800):
   """Waits until every process reaches barrier `name` (no-op with one process).
 
@@ -242,17 +266,50 @@ def barrier(name, timeout_s=1800):
   finish far apart (a loaded machine) should meet here between compiling a step
   (jit(...).lower(...).compile()) and running it.
   """
-  global _barriers
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-
-  client = jax_distributed.global_state.client
-  if jax.process_count() == 1 or client is None:
+  client, key = _coordination(name)
+  if client is None:
     return
-  _barriers += 1
   try:
-    client.wait_at_barrier(f"calm_jax:{name}:{_barriers}", timeout_in_ms=int(timeout_s * 1000))
+    client.wait_at_barrier(key, timeout_in_ms=int(timeout_s * 1000))
   except Exception as e:  # pylint: disable=broad-except
-    raise DistributedError(
-        f"Process {jax.process_index()} waited {timeout_s:.0f} s at barrier {name!r} for the "
-        f"other processes ({e}); check their logs for the one that failed or hangs.") from e
+    raise _waited(f"the others at barrier {name!r}", timeout_s, e) from e
+
+
+def from_primary(name, compute, timeout_s=1800):
+  """compute() run on process 0 only; its result (a str) returned on every process.
+
+  For a check whose verdict every process must share (e.g. a checkpoint's digest, read
+  once from a shared filesystem instead of once per host). Uses the coordination
+  service's key-value store, not a device collective.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  client, key = _coordination(name)
+  if client is None:
+    return compute()
+  if jax.process_index() == 0:
+    value = compute()
+    client.key_value_set(key, value)
+    return value
+  try:
+    return client.blocking_key_value_get(key, int(timeout_s * 1000))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _waited(f"process 0's {name!r}", timeout_s, e) from e
+
+
+def all_processes(name, value, timeout_s=1800):
+  """[value of process 0, value of process 1, ...] (str values), on every process.
+
+  An all-gather of small host values through the coordination service's key-value
+  store (no device collective), e.g. how many tokens each process has left to
+  evaluate. With one process: [value].
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  client, key = _coordination(name)
+  if client is None:
+    return [value]
+  client.key_value_set(f"{key}/{jax.process_index()}", value)
+  try:
+    return [client.blocking_key_value_get(f"{key}/{i}", int(timeout_s * 1000))
+            for i in range(jax.process_count())]
+  except Exception as e:  # pylint: disable=broad-except
+    raise _waited(f"the others' {name!r}", timeout_s, e) from e

@@ -108,6 +108,9 @@ def calm_draw(model, variables, h_BxD, max_logits_bytes=DRAW_LOGITS_BYTES):
   return draw
 
 
+METHODS = ("auto", "exact", "batch_approx")
+
+
 def resolve_method(sampling):
   """'auto' -> 'batch_approx' when 1/T is an integer (the reference's sampler), else 'exact'."""
   if sampling.method != "auto":
@@ -264,6 +267,10 @@ def calm_sampler(model, config, sampling, ids):
   if not 0.0 < sampling.temperature <= 1.0:
     raise errors.UserError(f"--temperature={sampling.temperature}: CALM samples without "
                            "likelihoods and supports T in (0, 1].")
+  if sampling.method == "batch_approx" and temperature_lib.split_inverse_temperature(
+      sampling.temperature)[1]:
+    raise errors.UserError(f"--method=batch_approx needs T = 1/n (got --temperature="
+                           f"{sampling.temperature}); use --method=exact for this T.")
   eos_boundary = config.data.document_eos
   fill = ids.eos if eos_boundary else ids.pad
   prompt = lambda token_ids: calm_prompt(token_ids, k, fill, boundary=eos_boundary).reshape(-1, k)

@@ -35,43 +35,14 @@ from calm_jax.training import efficiency
 from calm_jax.training import metrics as metrics_lib
 from calm_jax.training import preemption
 from calm_jax.training import profiler as profiler_lib
+from calm_jax.training import resume
 from calm_jax.training import state as state_lib
 from calm_jax.training import steps as steps_lib
+from calm_jax.training import workdir_lock
 
 
 class TrainingHalted(errors.UserError):
   """Training stopped on purpose (non-finite loss with nan_policy='halt')."""
-
-
-def _with_default_tokenizer(config, workdir):
-  """The config with an empty data.tokenizer replaced by the path it resolves to.
-
-  The saved config holds the resolved path (runs.resolve_tokenizer, runs.default_tokenizer_path), so comparing it with
-  the user's empty value would refuse every rerun of the default path (issue 14, item 1).
-  """
-  if config.data.tokenizer:
-    return config
-  resolved = config.copy_and_resolve_references()
-  resolved.data.tokenizer = runs.default_tokenizer_path(config, workdir)
-  return resolved
-
-
-def _check_workdir(config, workdir):
-  """Refuses a converted workdir, and one made by a different config unless allowed."""
-  if checkpoint.is_converted(workdir):
-    raise checkpoint.CheckpointError(
-        f"{workdir} is a converted checkpoint (calm-convert: params only, no optimizer state or "
-        f"data position) and is not resumed; fine-tune it in a new --workdir with "
-        f"--config.init_from={workdir}.")
-  if not os.path.exists(os.path.join(workdir, config_lib.CONFIG_FILE)):
-    return
-  changes = config_lib.config_changes(config_lib.load_config(workdir),
-                                      _with_default_tokenizer(config, workdir))
-  if changes and not config.train.allow_config_change:
-    lines = "; ".join(f"{n}: {a!r} -> {b!r}" for n, a, b in changes[:8])
-    raise config_lib.ConfigError(
-        f"{workdir} was created by a different config ({lines}). Use a new --workdir, or pass "
-        "--config.train.allow_config_change=True to resume with the new values.")
 
 
 def _check_batch_sizes(config, mesh, axis_rules):
@@ -114,10 +85,9 @@ def _compile_then_meet(jitted, args, name):
 def _restore_or_init(config, parts, ckpt, tokenizer):
   """(state, train iterator or None): the latest good checkpoint, else a fresh or init_from state."""
   if not ckpt.all_steps():
+    params = state_lib.init_from_params(config, parts) if config.init_from else None
     state = state_lib.init_state(parts, config.train.seed)
-    if config.init_from:
-      state = state.replace(params=state_lib.init_from_params(config, parts))
-    return state, None
+    return (state if params is None else state.replace(params=params)), None
   abstract = checkpoint.abstract_like(parts["abstract_state"], parts["state_shardings"])
 
   def restore(step):
@@ -227,7 +197,8 @@ class _Bookkeeping:
 
   def save_on_error(self, error, state, train_iter):
     """Bad input found mid-run (e.g. a malformed record): keep the work done so far."""
-    if not isinstance(error, TrainingHalted) and self.completed > self.saved:
+    if (not isinstance(error, (TrainingHalted, checkpoint.CheckpointError))
+        and self.completed > self.saved):
       self.flush()
       logging.error("Saving step %d before stopping on: %s", self.completed, error)
       self.ckpt.save(self.completed, state.params, state.replace(params=None), train_iter,
@@ -238,16 +209,21 @@ class _Bookkeeping:
 def train_and_evaluate(config, workdir, devices=None):
   """Trains config.stage in workdir; returns the last logged metrics.
 
-  devices: the devices of the mesh (default: all), e.g. one device in tests.
+  devices: the devices of the mesh (default: all), e.g. one device in tests. The
+  workdir is locked for the run (one writer: training/workdir_lock.py); a rerun takes
+  what the first start resolved and may change only what training/resume.py allows.
   """
   # -- Config -------------------------------------------------------------------------------
   started_at = time.perf_counter()       # goodput counts start-up (restore, compile) as lost time
   stages.validate(config)
   metrics_lib.check_writers(config)
-  is_primary = jax.process_index() == 0
-  _check_workdir(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.WorkdirLock(workdir):
+    return _train(resume.resume_config(config, workdir), workdir, devices, started_at)
 
+
+def _train(config, workdir, devices, started_at):
+  """train_and_evaluate on a locked workdir with the config to run."""
+  is_primary = jax.process_index() == 0
   # -- Mesh ---------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh, devices)
   axis_rules = sharding.rules(config)
@@ -256,8 +232,6 @@ def train_and_evaluate(config, workdir, devices=None):
   # -- Tokenizer and input ------------------------------------------------------------------
   ae_config = runs.autoencoder_config(config) if stages.get(config).needs_autoencoder else None
   tokenizer = runs.resolve_tokenizer(config, workdir, is_primary, distributed.barrier, ae_config)
-  if is_primary:
-    config_lib.save_config(config, workdir)
   if config.train.eval_every:
     sources.check_spec(config.data.eval)    # a missing eval set fails now, not after training
   train_iter = pipeline.make_checked_iterator(config, tokenizer, "train")
@@ -266,7 +240,9 @@ def train_and_evaluate(config, workdir, devices=None):
   with sharding.activate(mesh, axis_rules):
     # -- Model and shardings ----------------------------------------------------------------
     parts = state_lib.build(config, mesh, axis_rules, ae_config)
-    frozen = runs.restore_frozen(config, parts)
+    frozen = runs.restore_frozen(config, parts)     # records the autoencoder step and digests
+    if is_primary:
+      config_lib.save_config(config, workdir)       # every field resolved
     _write_param_counts(parts, mesh, workdir, is_primary)
 
     # -- Update step --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ model and its params); `init_state` initialises it straight into its shardings;
 or a converted checkpoint's params, fresh optimizer state).
 """
 import logging
+import os
 
 import flax.linen as nn
 import jax
@@ -64,6 +65,9 @@ def init_from_params(config, parts):
   """The trainable params of config.init_from (WORKDIR[:STEP]) in this run's shardings."""
   workdir, step = parse_init_from(config.init_from)
   field = f"config.init_from={config.init_from!r}"
+  if not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"{field}: {workdir} does not exist; give a calm-train or "
+                                 "calm-convert workdir (WORKDIR[:STEP]).")
   source = config_lib.load_config(workdir)
   if not stages.same_stage(source, config):
     raise config_lib.ConfigError(f"{field} is a {source.stage!r} run; this run is "

@@ -42,7 +42,7 @@ _TRAIN = [
     ("empty_jsonl_lines_only", ["--config.data.train=jsonl:{R}/blank.jsonl"], ["blank.jsonl",
                                                                               "no documents"]),
     ("binary_jsonl_lines", ["--config.data.train=jsonl:{R}/binary.jsonl"],
-     ["binary.jsonl:3", "malformed JSON"]),
+     ["binary.jsonl:2", "not valid UTF-8", "max_bad_fraction"]),
     ("malformed_data", ["--config.data.train=jsonl:{R}/broken.jsonl"], ["broken.jsonl:2",
                                                                         "malformed JSON"]),
     ("unreadable_data", ["--config.data.train=arrayrecord:{R}/garbage"],

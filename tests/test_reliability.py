@@ -261,8 +261,8 @@ class _NaNWhenTokenSeen:
     self._model = model
     self._token = token
 
-  def init(self, *args, **kwargs):
-    return self._model.init(*args, **kwargs)
+  def __getattr__(self, name):            # dtype, config, ...: the real model's
+    return getattr(self._model, name)
 
   def apply(self, variables, batch, **kwargs):
     loss, metrics = self._model.apply(variables, batch, **kwargs)

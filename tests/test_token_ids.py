@@ -9,6 +9,7 @@ from array_record.python import array_record_module
 
 from calm_jax.data import pipeline
 from calm_jax.data import sources
+from calm_jax.data import token_records
 from calm_jax.training import loop
 from tests.test_reliability import VOCAB, _config, _final_per_step
 
@@ -44,7 +45,7 @@ def test_ids_outside_the_vocab_fail_when_the_source_opens(tiny_tokenizer_path, t
 
 def test_an_id_outside_the_vocab_in_a_record_not_sampled_stops_the_run(tiny_tokenizer_path,
                                                                         tmp_path, monkeypatch):
-  monkeypatch.setattr(sources, "_ID_SAMPLE", 1)       # only record 0 checked at open
+  monkeypatch.setattr(token_records, "_ID_SAMPLE", 1)       # only record 0 checked at open
   path = _shard(tmp_path / "d", _docs(12, 30, bad_record=7, bad_id=-3))
   config = _config(tiny_tokenizer_path, 4, 2, data__train=f"arrayrecord:{tmp_path / 'd'}")
   pipeline.make_iterator(config, None, "train")       # no vocabulary given: not checked

@@ -193,21 +193,8 @@ class TfdsSource:
     return text
 
 
-class MixtureSource:
-  """The concatenation of several sources (index i runs through them in order)."""
-
-  def __init__(self, sources):
-    self._sources = sources
-    self._offsets = np.cumsum([0] + [len(s) for s in sources]).tolist()
-
-  def __len__(self):
-    return self._offsets[-1]
-
-  def __getitem__(self, index):
-    if index < 0:
-      index += len(self)
-    part = bisect.bisect_right(self._offsets, index) - 1
-    return self._sources[part][index - self._offsets[part]]
+# The concatenation of several sources (SPEC,SPEC without weights).
+MixtureSource = token_records.Concatenation
 
 
 def split_field(body, default="text"):

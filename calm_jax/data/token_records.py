@@ -24,6 +24,28 @@ def decode_tokens(record):
   return np.frombuffer(record, dtype=TOKEN_DTYPE).astype(np.int32, copy=False)
 
 
+class Concatenation:
+  """Random-access sources read one after another (index i runs through them in order)."""
+
+  def __init__(self, parts):
+    self.parts = list(parts)
+    self._offsets = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+
+  def __len__(self):
+    return self._offsets[-1]
+
+  def locate(self, index):
+    """index (negative from the end) -> (part, index within that part)."""
+    if index < 0:
+      index += len(self)
+    part = bisect.bisect_right(self._offsets, index) - 1
+    return part, index - self._offsets[part]
+
+  def __getitem__(self, index):
+    part, local = self.locate(index)
+    return self.parts[part][local]
+
+
 class ArrayRecordSource:
   """calm-prepare shards: one int32 token-id array per document.
 
@@ -35,25 +57,22 @@ class ArrayRecordSource:
   def __init__(self, paths, vocab_size=None):
     import grain  # pylint: disable=g-import-not-at-top
     self._paths = list(paths)
-    self._files = [grain.sources.ArrayRecordDataSource([p]) for p in self._paths]
-    self._offsets = np.cumsum([0] + [len(f) for f in self._files]).tolist()
+    self._files = Concatenation(grain.sources.ArrayRecordDataSource([p]) for p in self._paths)
     self._vocab_size = vocab_size
     if vocab_size:
       for index in np.linspace(0, len(self) - 1, num=min(len(self), _ID_SAMPLE), dtype=int):
         self[int(index)]
 
   def __len__(self):
-    return self._offsets[-1]
+    return len(self._files)
 
   def __getitem__(self, index):
-    if index < 0:
-      index += len(self)
-    part = bisect.bisect_right(self._offsets, index) - 1
-    ids = decode_tokens(self._files[part][index - self._offsets[part]])
+    part, local = self._files.locate(index)
+    ids = decode_tokens(self._files.parts[part][local])
     if self._vocab_size and ids.size and (ids.max() >= self._vocab_size or ids.min() < 0):
       bad = int(ids[(ids >= self._vocab_size) | (ids < 0)][0])
       raise records.DataError(
-          f"{self._paths[part]} record {index - self._offsets[part]}: token id {bad} is outside "
+          f"{self._paths[part]} record {local}: token id {bad} is outside "
           f"the vocabulary of {self._vocab_size} ids (config.data.vocab_size, the tokenizer's): "
           "the shards were prepared with another tokenizer. Prepare them again with this "
           "config.data.tokenizer (calm-prepare), or set config.data.tokenizer to theirs.")

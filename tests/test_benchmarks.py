@@ -1,5 +1,6 @@
 """Tests of the benchmark scripts: arguments, tables, target rows, the decode-step harness on a tiny model (no timing asserted)."""
 import os
+import subprocess
 
 import jax
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from benchmarks import bench_lib
 from benchmarks import decode_steps
+from benchmarks import gpu_bench
 from benchmarks import quality
 from benchmarks import targets
 from benchmarks import throughput
@@ -93,6 +95,15 @@ def test_decode_steps_time_the_model_extend():
   assert out["decode_step_s"]["b1"]["16"] > 0 and out["decode_step_full_s"]["b1"]["16"] > 0
   with pytest.raises(ValueError, match="do not fit 16 slots"):
     decode_steps.time_steps(model, params, 0, 1, [(32, 4), (16, 13)], 2)
+
+
+def test_gpu_check_script_and_driver_arguments():
+  script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.sh")
+  assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
+  args = gpu_bench.parse_args(["--output", "x.json", "--dry_run"])
+  assert args.dry_run and args.steps == 1 and args.batch_size == 2
+  assert gpu_bench.parse_args(["--output", "x.json"]).steps == 5
+  assert {name for name, *_ in gpu_bench.RUNS} == {"autoencoder_base", "ar_S", "ar_M", "calm_M"}
 
 
 def test_quality_budgets():

@@ -10,7 +10,10 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["calm_jax", "calm_jax.*", "experiments"]),
     install_requires=[
-        "jax>=0.10.2,<0.11",
+        # 0.10.x is the last line for Python 3.11; 0.11.x (Python >= 3.12) is what current GPU
+        # images ship with the CUDA 13 plugin: both resolve with the pins below (the pip
+        # --dry-run commands and what they install: benchmarks/RESULTS.md, "GPU check").
+        "jax>=0.10.2,<0.12",
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",

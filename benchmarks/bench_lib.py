@@ -136,20 +136,47 @@ class TrainBench:
     self.flops_per_step = (train_step_flops(config, ae_config, mesh, axis_rules) if count_flops
                            else None)
 
+  def step(self):
+    """One train step, waited for."""
+    self.state, metrics = self.compiled(self.state, self.frozen, self.batch, self.rng)
+    jax.block_until_ready((self.state, metrics))
+
   def time_steps(self, warmup, repeats):
     """Seconds of each of `repeats` steps after `warmup` untimed ones (each waited for)."""
-    times = []
-    for i in range(warmup + repeats):
-      start = time.perf_counter()
-      self.state, metrics = self.compiled(self.state, self.frozen, self.batch, self.rng)
-      jax.block_until_ready((self.state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - start)
-    return times
+    return time_in_turns([self.step], warmup, repeats)[0]
 
   def inference_params(self):
     """{trainable..., 'autoencoder': frozen} as the generation and eval code take them."""
     return {**self.state.params, **self.frozen}
+
+
+def time_in_turns(calls, warmup, repeats):
+  """[seconds of each of `repeats` calls] per callable, called in turns (one call of each per
+  round, after `warmup` untimed rounds), so a change in the machine's load (a shared CPU)
+  falls on all of them alike and their ratios stay comparable. Each call must wait for its
+  result (jax.block_until_ready)."""
+  times = [[] for _ in calls]
+  for i in range(warmup + repeats):
+    for call, seconds in zip(calls, times):
+      start = time.perf_counter()
+      call()
+      if i >= warmup:
+        seconds.append(time.perf_counter() - start)
+  return times
+
+
+def dig(tree, *keys):
+  """tree[k1][k2]...; None where a key (or a level) is missing."""
+  for key in keys:
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def ratio(a, b):
+  """a / b; None when either is missing (or b is 0)."""
+  return a / b if a is not None and b else None
 
 
 def median(values):

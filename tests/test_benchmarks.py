@@ -1,12 +1,20 @@
-"""Smoke tests of the benchmark scripts' argument parsing and tables (no timing, nothing compiled)."""
+"""Tests of the benchmark scripts: arguments, tables, target rows, the decode-step harness on a tiny model (no timing asserted)."""
 import os
+import subprocess
 
+import jax
+import numpy as np
 import pytest
 
 from benchmarks import bench_lib
 from benchmarks import data_scale
+from benchmarks import decode_steps
+from benchmarks import gpu_bench
 from benchmarks import quality
+from benchmarks import targets
 from benchmarks import throughput
+from calm_jax.stages import build_model
+from experiments import ar_baseline
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +61,52 @@ def test_throughput_ratios_and_tables():
   assert throughput.ratios({"ar": models["ar"]})["train_tokens_per_s"] is None
 
 
+def test_targets_pass_fail_rows():
+  models = {"ar": _model(1, 100.0, 4e6, 10.0), "calm_k4": _model(4, 150.0, 2e6, 50.0)}
+  steps = lambda small, large: {"b1": {"256": small, "4096": large},
+                                "b32": {"256": small, "4096": large}}
+  result = {"size": "tiny", "machine": {"backend": "cpu"}, "models": models,
+            "ratios": throughput.ratios(models),
+            "decode_step_s": {"ar": steps(1.0, 1.2), "calm_k4": steps(1.0, 2.0)},
+            "flops_per_token_compiled": {"M": {"ar": 3e9, "calm_k4": 1e9}}}
+  rows = {r["target"]: r for r in targets.target_rows(result)}
+  assert rows["AR decode step 4096 / 256 slots, b32"]["status"] == "pass"
+  assert rows["CALM K=4 decode step 4096 / 256 slots, b1"]["status"] == "fail"
+  assert rows["CALM K=4 generation tokens/s / AR, b1, T=1"]["measured"] == pytest.approx(5.0)
+  assert rows["FLOPs/token CALM K=4 / AR at tiny (XLA's count, unrolled)"]["status"] == "pass"
+  assert rows["FLOPs/token CALM K=4 / AR at M (XLA's count, unrolled)"]["measured"] == pytest.approx(1 / 3)
+  assert rows["CALM K=4 train tokens/s / AR at tiny on CPU"]["status"] == "pass"
+  assert rows["AR-M MFU on the H200 (bf16)"]["status"] == "not measured"
+  table = targets.format_rows(list(rows.values()))
+  assert table.count("\n") == len(rows) + 1 and "| fail |" in table
+  text = throughput.tables(dict(result, targets=list(rows.values())))
+  assert "decode step ms (64 positions filled)" in text and "4096 slots" in text
+
+
+def test_decode_steps_time_the_model_extend():
+  """The decode-step harness runs a real (tiny) model's donated extend at each cache size."""
+  config = ar_baseline.get_config("size=tiny")
+  config.model.update(vocab_size=48, hidden=32, mlp=64, layers=2, heads=4, kv_heads=2)
+  model = build_model(config)
+  tokens = np.zeros((1, 4), np.int32)
+  params = jax.jit(model.init, static_argnames="train")(
+      {"params": jax.random.key(0, impl="unsafe_rbg")},
+      {"tokens": tokens, "mask": np.ones_like(tokens)}, train=False)["params"]
+  out = decode_steps.measure(model, params, 0, (1,), (16,), steps=2, fill=4)   # 2 cells in turns
+  assert out["decode_step_s"]["b1"]["16"] > 0 and out["decode_step_full_s"]["b1"]["16"] > 0
+  with pytest.raises(ValueError, match="do not fit 16 slots"):
+    decode_steps.time_steps(model, params, 0, 1, [(32, 4), (16, 13)], 2)
+
+
+def test_gpu_check_script_and_driver_arguments():
+  script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.sh")
+  assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
+  args = gpu_bench.parse_args(["--output", "x.json", "--dry_run"])
+  assert args.dry_run and args.steps == 1 and args.batch_size == 2
+  assert gpu_bench.parse_args(["--output", "x.json"]).steps == 5
+  assert {name for name, *_ in gpu_bench.RUNS} == {"autoencoder_base", "ar_S", "ar_M", "calm_M"}
+
+
 def test_quality_budgets():
   args = quality.parse_args(["--budget", "tiny", "--data_dir", "/data"])
   assert args.budget_name == "tiny" and args.preset["flops"] == quality.BUDGETS["tiny"]["flops"]
@@ -68,6 +122,14 @@ def test_quality_budgets():
     quality.parse_args(["--budget", "huge"])
   with pytest.raises(SystemExit):
     quality.parse_args(["--heads", "gan"])
+
+
+def test_time_in_turns_alternates_the_calls():
+  order = []
+  times = bench_lib.time_in_turns([lambda: order.append("a"), lambda: order.append("b")], 1, 3)
+  assert order == ["a", "b"] * 4 and [len(t) for t in times] == [3, 3]
+  assert bench_lib.dig({"a": {"b": 2}}, "a", "b") == 2 and bench_lib.dig({"a": 1}, "a", "b") is None
+  assert bench_lib.ratio(1.0, 4.0) == 0.25 and bench_lib.ratio(None, 1.0) is None
 
 
 def test_format_table():

@@ -11,6 +11,7 @@ from calm_jax.sampling import decode
 from calm_jax.data import tokenizer as tokenizer_lib
 from calm_jax.stages import build_model
 from experiments import common
+from tests import jaxpr_walk
 
 pytestmark = pytest.mark.integration
 
@@ -124,16 +125,7 @@ def test_calm_draw_reduces_decoder_logits_tile_by_tile(tiny_calm):
   assert 0 <= int(out.min()) and int(out.max()) < v
   assert len({tuple(x) for x in np.asarray(out).reshape(-1, k)}) > 1
   jaxpr = jax.make_jaxpr(lambda r: draw(r, 200))(jax.random.key(0))
-  sizes = [np.prod(var.aval.shape[:-2]) for e in _all_eqns(jaxpr.jaxpr) for var in e.outvars
+  sizes = [np.prod(var.aval.shape[:-2])
+           for e in jaxpr_walk.eqns(jaxpr.jaxpr) for var in e.outvars
            if tuple(getattr(var.aval, "shape", ())[-2:]) == (k, v)]
   assert sizes and max(sizes) <= 25 * 4 < 200 * 4
-
-
-def _all_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in (value if isinstance(value, (list, tuple)) else [value]):
-        inner = getattr(sub, "jaxpr", None)
-        if inner is not None:
-          yield from _all_eqns(getattr(inner, "jaxpr", inner))

@@ -8,6 +8,7 @@ import pytest
 from scipy.special import gammaln
 
 from calm_jax.sampling import temperature
+from tests import jaxpr_walk
 
 pytestmark = pytest.mark.unit
 
@@ -199,26 +200,16 @@ def test_temperature_one_is_one_draw():
   assert (np.asarray(stats2["num_draws"]) == 1).all() and int(stats2["num_fallbacks"]) == 0
 
 
-def _eqns(jaxpr):
-  """Every equation of a jaxpr and of the jaxprs inside it (loop bodies, conds, ...)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in (value if isinstance(value, (list, tuple)) else [value]):
-        inner = getattr(sub, "jaxpr", None)
-        if inner is not None:
-          yield from _eqns(getattr(inner, "jaxpr", inner))
-
-
 def test_exact_sampler_writes_its_pool_in_place():
   """The fallback pool is only ever written by dynamic_update_slice inside the loop: no
   select between the old and the updated pool (a copy of the pool per iteration, as before)."""
   jaxpr = jax.make_jaxpr(lambda r: temperature.sample_exact(
       _make_draw(3), r, 0.4, max_draws=64, draws_per_step=8, fallback_pool=32))(jax.random.key(0))
   pool_shapes = {(32, 3, 2), (40, 3, 2)}
-  selects = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "select_n"
+  selects = [e for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "select_n"
              and tuple(e.outvars[0].aval.shape) in pool_shapes]
   assert not selects
-  writes = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dynamic_update_slice"
+  writes = [e for e in jaxpr_walk.eqns(jaxpr.jaxpr)
+            if e.primitive.name == "dynamic_update_slice"
             and tuple(e.outvars[0].aval.shape) in pool_shapes]
   assert writes

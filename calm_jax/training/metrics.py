@@ -5,6 +5,12 @@ import os
 import numpy as np
 
 
+def _ends_with_newline(path):
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 class MetricsWriter:
   """Writes on the primary process only; other processes get a no-op writer."""
 
@@ -16,7 +22,10 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      self._jsonl = open(path, "a")
+      if self._jsonl.tell() and not _ends_with_newline(path):
+        self._jsonl.write("\n")      # a run killed mid-row: the next row starts on its own line
 
   def write(self, step, scalars):
     if not self.enabled:

@@ -20,6 +20,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -120,6 +121,7 @@ class ForkServer:
   def __init__(self, env, cwd):
     self._proc = subprocess.Popen([sys.executable, "-m", "tests.cli_runner"], env=env, cwd=cwd,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self._lock = threading.Lock()           # one request at a time (tests start from threads)
     assert self._proc.stdout.readline().strip() == "ready"
 
   def start(self, prog, argv, log_path):
@@ -127,10 +129,11 @@ class ForkServer:
     log_path = str(log_path)
     if os.path.exists(log_path + ".rc"):
       os.unlink(log_path + ".rc")
-    self._proc.stdin.write(json.dumps(dict(prog=prog, argv=[str(a) for a in argv],
-                                           log=log_path)) + "\n")
-    self._proc.stdin.flush()
-    return ForkedRun(int(self._proc.stdout.readline()), log_path)
+    with self._lock:
+      self._proc.stdin.write(json.dumps(dict(prog=prog, argv=[str(a) for a in argv],
+                                             log=log_path)) + "\n")
+      self._proc.stdin.flush()
+      return ForkedRun(int(self._proc.stdout.readline()), log_path)
 
   def run_all(self, runs, out_dir, parallel, timeout):
     """{name: exit status} of runs {name: (prog, argv)}, `parallel` at a time; the output of

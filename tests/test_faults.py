@@ -5,19 +5,23 @@ tokenizer trained into the workdir, or the autoencoder's), one `calm-train` comm
 started and killed with SIGKILL KILLS times, each time at a moment drawn from a seeded
 RNG: early (while it trains the tokenizer, restores or compiles), a random delay after a
 step's metrics row, or while a checkpoint is being written (a temporary step directory
-exists); then the same command runs to the end. An uninterrupted run of the same command
-runs alongside. Every run is a process of its own, forked by tests/cli_runner.py's
-server, which imported the command lines and built the builtin corpus once (what each
-fresh interpreter spends ~10 s on first; 21 starts would cost minutes of CI). Every metrics row the killed run ever logged (steps redone after a kill
-included) must equal the uninterrupted run's row of that step exactly, and so must the
-final params. CALM_KILL_SEED=N replays a sequence. The last test checks that the CALM run
-uses exactly the autoencoder it recorded at its first start (issue 14 item 3).
+exists); then the same command runs to the end. Every metrics row the killed run ever
+logged (steps redone after a kill included) must equal the row of that step of an
+uninterrupted run of the same command exactly, and so must the final params.
+CALM_KILL_SEED=N replays a sequence. The last test checks that the CALM run uses exactly
+the autoencoder it recorded at its first start (issue 14 item 3).
+
+Cost (CI has 2 cores): the uninterrupted runs and the three stages run side by side, and
+every run is a process forked by tests/cli_runner.py's server, which imported the command
+lines and built the builtin corpus once (~10 s a fresh interpreter spends first, 21 times).
 """
+from concurrent import futures
 import os
 import pathlib
 import random
 import shutil
 import signal
+import threading
 import time
 
 import jax
@@ -36,6 +40,7 @@ from tests.test_reliability import _overrides as _tiny_overrides
 
 pytestmark = pytest.mark.faults
 
+STAGES = {"autoencoder": AUTOENCODER, "calm": CALM, "ar": AR}
 KILLS = 5
 STEPS = 24
 VOCAB = 400
@@ -88,24 +93,24 @@ def _kill_once(proc, workdir, rng, kind):
           f"{max(_complete_steps(workdir), default=0)}")
 
 
-def _run_with_kills(server, config, workdir, overrides, straight_dir, seed):
-  """The killed sequence beside an uninterrupted run; returns the kill events."""
+def _start(server, stage, workdir, flags, log):
+  return server.start("calm-train", ["--config", STAGES[stage], "--workdir", workdir, *flags], log)
+
+
+def _run_with_kills(server, stage, workdir, flags, seed):
+  """The killed sequence: KILLS starts killed, then one run to the end; returns the kill events."""
   rng = random.Random(seed)
   workdir.mkdir()
-  start = lambda w, log: server.start(
-      "calm-train", ["--config", config, "--workdir", w, *overrides], log)
-  started = [start(straight_dir, straight_dir.parent / f"{straight_dir.name}.log")]
+  started = []
   try:
     kinds = ["early"] + [rng.choice(["step", "save"]) for _ in range(KILLS - 2)] + ["save"]
     events = []
     for kind in kinds:
-      started.append(start(workdir, workdir / "train.log"))
+      started.append(_start(server, stage, workdir, flags, workdir / "train.log"))
       events.append(_kill_once(started[-1], workdir, rng, kind))
-    started.append(start(workdir, workdir / "train.log"))
+    started.append(_start(server, stage, workdir, flags, workdir / "train.log"))
     rc, log = _finish(started[-1], TIMEOUT_S)
     assert rc == 0, f"kill seed {seed}, {events}: {log[-3000:]}"
-    rc, log = _finish(started[0], TIMEOUT_S)
-    assert rc == 0, log[-3000:]
   finally:
     for proc in started:            # nothing left running when a check fails
       proc.kill()
@@ -151,49 +156,60 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def autoencoder_runs(root, fork_server):
-  killed, straight = root / "ae_killed", root / "ae_straight"
-  events = _run_with_kills(fork_server, AUTOENCODER, killed, _overrides(), straight, SEED)
-  return killed, straight, events
+def kill_runs(root, fork_server):
+  """{stage: (killed workdir, straight workdir, kill events)}.
+
+  The three stages run side by side, each killed sequence beside its uninterrupted run
+  (2 CPU cores: one sequence alone leaves one idle); CALM's two start once the uninterrupted
+  autoencoder, which both use, has finished.
+  """
+  ae_finished = threading.Event()
+  flags = {stage: _overrides() for stage in STAGES}
+  flags["calm"] = _overrides(autoencoder__workdir=root / "autoencoder_straight")
+
+  def straight(stage):
+    if stage == "calm":
+      ae_finished.wait(TIMEOUT_S)
+    try:
+      workdir = root / f"{stage}_straight"
+      rc, log = _finish(_start(fork_server, stage, workdir, flags[stage], f"{workdir}.log"),
+                        TIMEOUT_S)
+      assert rc == 0, log[-3000:]
+    finally:
+      if stage == "autoencoder":
+        ae_finished.set()
+
+  def killed(stage, seed):
+    if stage == "calm":
+      ae_finished.wait(TIMEOUT_S)
+    return _run_with_kills(fork_server, stage, root / f"{stage}_killed", flags[stage], seed)
+
+  with futures.ThreadPoolExecutor(2 * len(STAGES)) as pool:
+    straights = [pool.submit(straight, stage) for stage in STAGES]
+    kills = {stage: pool.submit(killed, stage, SEED + i) for i, stage in enumerate(STAGES)}
+    for done in straights:
+      done.result()
+    return {stage: (root / f"{stage}_killed", root / f"{stage}_straight", kills[stage].result())
+            for stage in STAGES}
 
 
-def test_autoencoder_survives_kill_9_bit_identically(autoencoder_runs):
-  killed, straight, events = autoencoder_runs
-  print(f"kill seed {SEED}: autoencoder {events}")
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_survives_kill_9_bit_identically(kill_runs, stage):
+  killed, straight, events = kill_runs[stage]
+  print(f"kill seed {SEED}: {stage} {events}")
   _assert_bit_identical(killed, straight, events)
-  assert (killed / runs.WORKDIR_TOKENIZER).exists()
+  if stage != "calm":                # CALM uses its autoencoder's tokenizer
+    assert (killed / runs.WORKDIR_TOKENIZER).exists()
 
 
-@pytest.fixture(scope="module")
-def calm_runs(root, fork_server, autoencoder_runs):
-  ae = autoencoder_runs[1]
-  killed, straight = root / "calm_killed", root / "calm_straight"
-  overrides = _overrides(autoencoder__workdir=ae)
-  events = _run_with_kills(fork_server, CALM, killed, overrides, straight, SEED + 1)
-  return killed, straight, events
-
-
-def test_calm_survives_kill_9_bit_identically(calm_runs):
-  killed, straight, events = calm_runs
-  print(f"kill seed {SEED}: calm {events}")
-  _assert_bit_identical(killed, straight, events)
-
-
-def test_ar_survives_kill_9_bit_identically(root, fork_server):
-  killed, straight = root / "ar_killed", root / "ar_straight"
-  events = _run_with_kills(fork_server, AR, killed, _overrides(), straight, SEED + 2)
-  print(f"kill seed {SEED}: ar {events}")
-  _assert_bit_identical(killed, straight, events)
-
-
-def test_calm_uses_the_autoencoder_it_recorded(root, autoencoder_runs, calm_runs):
+def test_calm_uses_the_autoencoder_it_recorded(root, kill_runs):
   """Item 3: the step and digests recorded at the first start, never a newer or changed one."""
-  ae, calm = autoencoder_runs[1], calm_runs[0]
+  ae, calm = kill_runs["autoencoder"][1], kill_runs["calm"][0]
   saved = config_lib.load_config(str(calm))
   assert saved.autoencoder.step == STEPS and saved.autoencoder.digest
   assert saved.data.tokenizer == str(ae / runs.WORKDIR_TOKENIZER)
   assert saved.autoencoder.tokenizer_digest == config_lib.load_config(
-      str(calm_runs[1])).autoencoder.tokenizer_digest
+      str(kill_runs["calm"][1])).autoencoder.tokenizer_digest
   one = jax.devices()[:1]
   ae_ckpt = pathlib.Path(checkpoint.checkpoint_dir(str(ae)))
   shutil.copytree(ae_ckpt / str(STEPS), ae_ckpt / str(STEPS + 2))    # a newer AE checkpoint

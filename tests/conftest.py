@@ -34,3 +34,13 @@ def tiny_tokenizer_path(tmp_path_factory):
 def tiny_tokenizer(tiny_tokenizer_path):
   from calm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   return tokenizer_lib.Tokenizer.load(tiny_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def fork_server():
+  """Starts command lines as processes forked from one that imported them (tests/cli_runner.py)."""
+  from tests.cli_runner import ForkServer  # pylint: disable=g-import-not-at-top
+  from tests.test_reliability import ROOT, _env  # pylint: disable=g-import-not-at-top
+  server = ForkServer(_env(), ROOT)
+  yield server
+  server.close()

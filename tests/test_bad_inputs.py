@@ -1,15 +1,11 @@
 """Bad input at every command line (issue 14): each case exits non-zero with one `error:` line naming the field or file and the fix, no traceback, and changes no checkpoint.
 
-All cases run at once through tests/cli_runner.py (one interpreter, a fork per case) and
-fail before anything compiles. Disk full while saving is tests/test_checkpoint_digest.py
+All cases run as processes forked by tests/cli_runner.py's server (the `fork_server`
+fixture), two at a time, and fail before anything compiles. Disk full while saving is tests/test_checkpoint_digest.py
 (in-process: orbax's own threads print tracebacks of the failed write). A tiny AR run trained here (2 steps) is the run they try to
 evaluate, sample from, resume or overwrite; its checkpoints must be unchanged at the end.
 """
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,7 +15,7 @@ from calm_jax import checkpoint
 from calm_jax import config as config_lib
 from calm_jax.data import sources
 from calm_jax.training import loop
-from tests.test_reliability import AR, AUTOENCODER, CALM, ROOT, VOCAB, _config, _env, _overrides
+from tests.test_reliability import AR, AUTOENCODER, CALM, ROOT, VOCAB, _config, _overrides
 from tests.test_token_ids import _docs, _shard
 from tests.test_workdir_lock import _hold
 
@@ -192,24 +188,21 @@ def _checkpoint_files(workdir):
 
 
 @pytest.fixture(scope="module")
-def bad_runs(tiny_tokenizer_path, tmp_path_factory):
+def bad_runs(tiny_tokenizer_path, tmp_path_factory, fork_server):
   """{case: (exit status, output, expected substrings)}, and the trained run's files before/after."""
   root = tmp_path_factory.mktemp("bad")
   _make_inputs(root, tiny_tokenizer_path)
   cases = _cases(root, tiny_tokenizer_path)
   workdirs = [root / n for n in ("W", "truncated")]
   before = [_checkpoint_files(w) for w in workdirs]
-  spec = {name: {"prog": prog, "argv": argv} for name, (prog, argv, _) in cases.items()}
-  (root / "cases.json").write_text(json.dumps(spec))
   (root / "out").mkdir()
   holder = _hold(str(root / "held"))
   try:
-    subprocess.run([sys.executable, "-m", "tests.cli_runner", str(root / "cases.json"),
-                    str(root / "out"), "2"], env=_env(), cwd=ROOT, check=True, timeout=1200)
+    codes = fork_server.run_all({name: (prog, argv) for name, (prog, argv, _) in cases.items()},
+                                root / "out", parallel=2, timeout=1200)
   finally:
     holder.kill()
     holder.wait()
-  codes = json.loads((root / "out" / "results.json").read_text())
   runs = {name: (codes[name], (root / "out" / f"{name}.log").read_text(), want)
           for name, (_, _, want) in cases.items()}
   after = [_checkpoint_files(w) for w in workdirs]

@@ -5,10 +5,13 @@ Training resume falls back to the newest intact checkpoint; a params-only restor
 intact ones. The digest's own logic is also checked on a directory made here, and
 that writing it does not hold up the training thread.
 """
+import contextlib
 import errno
 import json
 import os
 import pathlib
+import resource
+import signal
 import threading
 
 import grain
@@ -131,12 +134,45 @@ def test_truncated_checkpoint_is_a_named_error_for_eval(tiny_tokenizer_path, tmp
     runs.open_run(workdir, devices=one)
 
 
-def test_disk_full_while_saving_keeps_the_checkpoints_before(tiny_tokenizer_path, tmp_path,
-                                                             monkeypatch):
-  """Issue 14 item 9: a save that cannot be written is one error naming the intact steps."""
+@contextlib.contextmanager
+def _file_size_limit():
+  """Yields limit(bytes): from then on no file grows past that many bytes (EFBIG, as a full
+  disk fails a write), until the block ends."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # EFBIG instead of a kill
+  try:
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_save_that_cannot_be_written_keeps_the_checkpoints_before(tiny_tokenizer_path,
+                                                                    tmp_path, monkeypatch):
+  """Issue 14 item 9: a save that fails writing is one error naming the intact steps, and
+  the steps saved before stay as they were (their digests verify); the rerun resumes.
+
+  Two failures: tensorstore cannot write the arrays (a file size limit set when step 4's
+  save starts: the error it reports for a full disk too), and the save's last write, the
+  digest, fails with ENOSPC.
+  """
   one = jax.devices()[:1]
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(_config(tiny_tokenizer_path, 2, 2), workdir, one)
+  step_2 = os.path.join(checkpoint.checkpoint_dir(workdir), "2")
+  digest = pathlib.Path(step_2, checkpoint.DIGEST_FILE).read_text()
+
+  real_save = checkpoint.Checkpointer.save
+  with _file_size_limit() as limit:
+    def save_past_the_limit(self, step, *args, **kwargs):
+      if step == 4:
+        limit(64 << 10)           # the arrays' files are larger; metrics.jsonl is not
+      return real_save(self, step, *args, **kwargs)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_past_the_limit)
+    with pytest.raises(checkpoint.CheckpointError, match=r"Saving step 4 .*\(File too large\)"
+                       r".*steps saved before \(\[2\]\) are intact"):
+      loop.train_and_evaluate(_config(tiny_tokenizer_path, 4, 2), workdir, one)
+  monkeypatch.undo()
 
   def disk_full(step_dir):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), step_dir)
@@ -145,7 +181,9 @@ def test_disk_full_while_saving_keeps_the_checkpoints_before(tiny_tokenizer_path
   with pytest.raises(checkpoint.CheckpointError, match=r"Saving step 4 .*No space left on device"
                      r".*steps saved before \(\[2\]\) are intact"):
     loop.train_and_evaluate(_config(tiny_tokenizer_path, 4, 2), workdir, one)
-  assert checkpoint.saved_steps(workdir) == [2]
   monkeypatch.undo()
+  assert checkpoint.saved_steps(workdir) == [2]
+  assert pathlib.Path(step_2, checkpoint.DIGEST_FILE).read_text() == digest
+  checkpoint.verify_step(step_2, checkpoint.ITEMS)             # its files are as saved
   loop.train_and_evaluate(_config(tiny_tokenizer_path, 4, 2), workdir, one)   # resumes from 2
   assert checkpoint.saved_steps(workdir) == [2, 4]

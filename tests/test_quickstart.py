@@ -1,6 +1,7 @@
-"""calm-quickstart end to end in its --small form, re-run reuse, and calm-eval's JSON keys on its AE and CALM runs."""
+"""calm-quickstart end to end in its --small form (killed twice on the way), re-run reuse, and calm-eval's JSON keys on its AE and CALM runs."""
 import json
 import os
+import signal
 import time
 
 import jax
@@ -11,16 +12,43 @@ from calm_jax.eval import diagnose
 from calm_jax.cli import eval as cli_eval
 from calm_jax.eval import evaluator
 from calm_jax.cli import quickstart
+from calm_jax import config as config_lib
 from calm_jax import errors
+from tests.test_reliability import _rows
 
 pytestmark = pytest.mark.e2e
 
 
+def _kill_during(fork_server, workdir, stage, min_step):
+  """Starts calm-quickstart --small and kills it (-9) once `stage` logged min_step."""
+  proc = fork_server.start("calm-quickstart", ["--small", "--workdir", workdir],
+                           f"{workdir}.killed.log")
+  deadline = time.time() + 300
+  while proc.poll() is None and time.time() < deadline:
+    if any(r["step"] >= min_step for r in _rows(os.path.join(workdir, stage))):
+      break
+    time.sleep(0.05)
+  proc.kill()
+  assert proc.wait() == -signal.SIGKILL, open(f"{workdir}.killed.log").read()[-3000:]
+
+
 @pytest.fixture(scope="module")
-def quickstart_dir(tmp_path_factory):
+def quickstart_dir(tmp_path_factory, fork_server):
+  """The quickstart killed during the autoencoder stage, then during CALM, then finished."""
   workdir = str(tmp_path_factory.mktemp("quickstart"))
+  _kill_during(fork_server, workdir, "autoencoder", 3)
+  _kill_during(fork_server, workdir, "calm", 2)
   summary = quickstart.run_quickstart(workdir, small=True, devices=jax.devices()[:1])
   return workdir, summary
+
+
+def test_a_killed_quickstart_finishes_each_stage_before_the_next(quickstart_dir):
+  """Issue 14 item 3: CALM started on the finished autoencoder and recorded exactly that one."""
+  workdir, _ = quickstart_dir
+  ae_steps = quickstart.PROFILES["small"]["ae_steps"]
+  assert max(r["step"] for r in _rows(os.path.join(workdir, "autoencoder"))) == ae_steps
+  calm = config_lib.load_config(os.path.join(workdir, "calm"))
+  assert calm.autoencoder.step == ae_steps and calm.autoencoder.digest
 
 
 def test_quickstart_writes_a_summary(quickstart_dir):

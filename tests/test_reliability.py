@@ -1,18 +1,17 @@
-"""Reliability: kill -9 and resume bit-identically, SIGTERM saves, NaN policies, bad input mid-run.
+"""Reliability: half-written and corrupt checkpoints, SIGTERM saves, NaN policies, bad input mid-run.
 
-Bad input at start, through every command line, is tests/test_bad_inputs.py. The
-kill/SIGTERM tests run `python -m calm_jax.cli.train` as a subprocess on
-one CPU device (JAX_NUM_CPU_DEVICES=1) with the shared persistent compilation
-cache; the NaN and mid-run data error tests run in-process on one device, with
-the model's apply (or the data iterator) wrapped to inject the fault.
+kill -9 is tests/test_faults.py; bad input at start, through every command line, is
+tests/test_bad_inputs.py; both share the helpers here. The SIGTERM tests run calm-train
+as a process of its own (forked by the `fork_server` fixture, tests/cli_runner.py) on one
+CPU device (JAX_NUM_CPU_DEVICES=1) with the shared persistent compilation cache; the
+NaN and mid-run data error tests run in-process on one device, with the model's apply
+(or the data iterator) wrapped to inject the fault.
 """
 import json
 import os
 import pathlib
-import random
 import signal
 import subprocess
-import sys
 import time
 
 import grain
@@ -66,24 +65,14 @@ def _env():
   return env
 
 
-def _start(config, workdir, overrides, log_path):
-  log = open(log_path, "a")  # pylint: disable=consider-using-with
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "calm_jax.cli.train", "--config", config, "--workdir", str(workdir),
-       *overrides], env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  proc.log, proc.log_path = log, pathlib.Path(log_path)
-  return proc
-
-
 def _finish(proc, timeout=RUN_TIMEOUT_S):
-  """(returncode, its log so far) of a started run."""
+  """(exit status, log) of a run the fork_server started; killed if it runs past timeout."""
   try:
     proc.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
     proc.kill()
     proc.wait()
-  proc.log.close()
-  return proc.returncode, proc.log_path.read_text()
+  return proc.returncode, pathlib.Path(proc.log_path).read_text()
 
 
 def _rows(workdir):
@@ -127,50 +116,7 @@ def _complete_steps(workdir):
   return sorted(int(n) for n in _checkpoint_names(workdir) if n.isdigit())
 
 
-# -- kill -9 -------------------------------------------------------------------------------
-
-
-def test_kill_9_at_random_moments_resumes_bit_identically(tokenizer_path, tmp_path):
-  steps, every, kills = 24, 4, 3
-  seed = int(os.environ.get("CALM_KILL_SEED", random.randrange(1 << 30)))
-  rng = random.Random(seed)
-  overrides = _overrides(tokenizer_path, steps, every)
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  killed.mkdir()
-  reference = _start(AR, straight, overrides, tmp_path / "straight.log")   # runs alongside
-  events = []
-  for _ in range(kills):
-    resume_from = max(_complete_steps(killed), default=0)
-    proc = _start(AR, killed, overrides, killed / "train.log")
-    # A random step past the next checkpoint step; half the time a checkpoint step, whose row
-    # is written just before its (async) save starts, so the kill lands in the write.
-    target = resume_from + rng.randint(every + 1, 2 * every)
-    if rng.random() < 0.5:
-      target = min(steps - 1, -(-target // every) * every)
-    target = min(target, steps - 1)
-    running = _wait_for_row(proc, killed, target, skip_rows=len(_rows(killed)))
-    assert running, f"the run ended before step {target}: {_finish(proc)[1][-3000:]}"
-    time.sleep(rng.uniform(0, 0.15))
-    names = _checkpoint_names(killed)
-    proc.send_signal(signal.SIGKILL)
-    rc, _ = _finish(proc)
-    assert rc == -signal.SIGKILL
-    events.append(dict(resumed_from=resume_from, killed_after_step=target,
-                       tmp_dirs=[n for n in names if not n.isdigit()]))
-  final_from = max(_complete_steps(killed), default=0)
-  rc, err = _finish(_start(AR, killed, overrides, killed / "train.log"))
-  assert rc == 0, err[-3000:]
-  rc, err = _finish(reference)
-  assert rc == 0, err[-3000:]
-  print(f"kill seed {seed}: {events}")
-
-  want, got = _final_per_step(straight), _final_per_step(killed)
-  assert sorted(want) == list(range(1, steps + 1))
-  assert got == want                      # bit-identical: exact float equality, every step
-  assert _final_per_step(killed, "grad_norm") == _final_per_step(straight, "grad_norm")
-  resumes = sum(1 for e in events if e["resumed_from"]) + bool(final_from)
-  assert (killed / "train.log").read_text().count("Resumed from") == resumes
-  assert not any(".orbax-checkpoint-tmp" in n for n in _checkpoint_names(killed))
+# -- kill -9 (the suite: tests/test_faults.py) ----------------------------------------------
 
 
 def test_partial_checkpoint_is_never_picked(tokenizer_path, tmp_path):
@@ -235,9 +181,11 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_used(tokenizer_path, t
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_a_checkpoint_and_stop(tokenizer_path, tmp_path, signum):
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_stop(tokenizer_path, tmp_path, signum,
+                                                       fork_server):
   overrides = _overrides(tokenizer_path, steps=500, every=1000)
-  proc = _start(AR, tmp_path, overrides, tmp_path / "train.log")
+  proc = fork_server.start("calm-train", ["--config", AR, "--workdir", tmp_path, *overrides],
+                           tmp_path / "train.log")
   assert _wait_for_row(proc, tmp_path, 3, skip_rows=0), _finish(proc)[1][-3000:]
   proc.send_signal(signum)
   rc, err = _finish(proc, timeout=60)

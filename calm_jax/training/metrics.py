@@ -47,9 +47,18 @@ class _TensorBoard:
     self._tb.close()
 
 
+def _ends_with_newline(path):
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 class _Jsonl:
   def __init__(self, workdir):
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    self._file = open(path, "a")
+    if self._file.tell() and not _ends_with_newline(path):
+      self._file.write("\n")      # a run killed mid-row: the next row starts on its own line
 
   def write(self, step, row):
     self._file.write(json.dumps({"step": step, **row}) + "\n")

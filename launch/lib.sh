@@ -56,6 +56,10 @@ require_vars() {  # NAME=example ... : every NAME must be set and non-empty
   fi
 }
 
+require_positive_int() {  # NAME : the variable NAME must hold a positive integer
+  [[ "${!1}" =~ ^[1-9][0-9]*$ ]] || die "$1='${!1}' must be a positive integer."
+}
+
 require_tool() {  # tool fix : the tool must be on PATH unless --dry-run
   if [[ $DRY_RUN -eq 0 ]] && ! command -v "$1" > /dev/null 2>&1; then
     die "'$1' not found on PATH: $2 (or use --dry-run to print the plan)."

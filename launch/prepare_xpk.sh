@@ -45,9 +45,7 @@ parse_args "$@"
 require_args 3 SPEC TOKENIZER OUTPUT
 require_vars CLUSTER=calm-cpu WORKLOAD=pile-prepare DEVICE_TYPE=n2-standard-32-16 NUM_SHARDS=16 \
   PROJECT=my-project ZONE=us-east5-a DOCKER_IMAGE=calm:latest
-if ! [[ "$NUM_SHARDS" =~ ^[1-9][0-9]*$ ]]; then
-  die "NUM_SHARDS='$NUM_SHARDS' must be a positive integer."
-fi
+require_positive_int NUM_SHARDS
 read -r -a XPK_CMD <<< "${XPK:-xpk}"
 require_tool "${XPK_CMD[0]}" "install xpk (pip install xpk) and its gcloud/kubectl prerequisites"
 SPEC="${POSITIONAL[0]}"

@@ -59,9 +59,7 @@ if [[ -z "${DOCKER_IMAGE:-}" && -z "${BASE_IMAGE:-}" ]]; then
   die "missing required variable: DOCKER_IMAGE (an image with calm_jax installed) or BASE_IMAGE" \
     "(e.g. BASE_IMAGE=us-docker.pkg.dev/cloud-tpu-images/jax-ai-image/tpu:latest)."
 fi
-if ! [[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]]; then
-  die "NUM_SLICES='$NUM_SLICES' must be a positive integer."
-fi
+require_positive_int NUM_SLICES
 read -r -a XPK_CMD <<< "${XPK:-xpk}"
 require_tool "${XPK_CMD[0]}" "install xpk (pip install xpk) and its gcloud/kubectl prerequisites"
 CONFIG="${POSITIONAL[0]}"

@@ -29,7 +29,6 @@ resumable); streaming sources can only be mixed with weights. Relative globs res
 against the current directory. A bad line (invalid JSON, a missing field, not UTF-8) is
 skipped and counted; more than max_bad_fraction of bad lines fails (records.py).
 """
-import bisect
 import dataclasses
 import glob
 import logging
@@ -106,21 +105,21 @@ class LinesSource:
       sizes.append(len(offsets))
     bad.check(final=True)
     bad.log_summary()
-    self._starts = np.cumsum([0] + sizes).tolist()
+    self._index = token_records.PartIndex(sizes)
     self._offsets = {}
     self._maps = {}
 
   def __len__(self):
-    return self._starts[-1]
+    return len(self._index)
 
   def __getitem__(self, index):
-    file_id = bisect.bisect_right(self._starts, index) - 1
+    file_id, line = self._index.locate(index)
     if file_id not in self._maps:
       path = self._paths[file_id]
       self._offsets[file_id] = line_index.load(path, self._field)[0]
       with open(path, "rb") as f:
         self._maps[file_id] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    start, end = self._offsets[file_id][index - self._starts[file_id]]
+    start, end = self._offsets[file_id][line]
     return records.parse_line(self._maps[file_id][start:end], self._field)[0]
 
   def __getstate__(self):

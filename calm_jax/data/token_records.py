@@ -1,5 +1,6 @@
-"""calm-prepare's ArrayRecord shards: the record encoding and the random-access source with an id check.
+"""calm-prepare's ArrayRecord shards (encoding, a source with an id check) and PartIndex over parts laid end to end.
 
+PartIndex (and Concatenation on it) also serves the line files of a source and SPEC,SPEC mixtures.
 A record holds the token ids of one document as little-endian int32 bytes, no header
 (written by prepare.py, read by ArrayRecordSource).
 """
@@ -24,22 +25,30 @@ def decode_tokens(record):
   return np.frombuffer(record, dtype=TOKEN_DTYPE).astype(np.int32, copy=False)
 
 
-class Concatenation:
-  """Random-access sources read one after another (index i runs through them in order)."""
+class PartIndex:
+  """One index over parts of the given sizes laid end to end (files of a source, sources of a
+  mixture): index i <-> (part, index within that part)."""
 
-  def __init__(self, parts):
-    self.parts = list(parts)
-    self._offsets = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+  def __init__(self, sizes):
+    self._starts = np.cumsum([0] + list(sizes)).tolist()
 
   def __len__(self):
-    return self._offsets[-1]
+    return self._starts[-1]
 
   def locate(self, index):
     """index (negative from the end) -> (part, index within that part)."""
     if index < 0:
       index += len(self)
-    part = bisect.bisect_right(self._offsets, index) - 1
-    return part, index - self._offsets[part]
+    part = bisect.bisect_right(self._starts, index) - 1
+    return part, index - self._starts[part]
+
+
+class Concatenation(PartIndex):
+  """Random-access sources read one after another (index i runs through them in order)."""
+
+  def __init__(self, parts):
+    self.parts = list(parts)
+    super().__init__(len(p) for p in self.parts)
 
   def __getitem__(self, index):
     part, local = self.locate(index)

@@ -92,16 +92,29 @@ _ADDED_FIELDS = (
 _REMOVED_FIELDS = ("data.skip_bad_records",)
 
 
+def _get(config, name):
+  node = config
+  for part in name.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _set(config, name, value):
+  *parents, leaf = name.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
 def _add_missing_fields(config):
   for stage, name, value in _ADDED_FIELDS:
     if stage not in (None, config.get("stage")):
       continue
-    *parents, leaf = name.split(".")
-    node = config
-    for p in parents:
-      node = node[p] if p in node else None
-      if node is None:
-        break
+    parent, _, leaf = name.rpartition(".")
+    node = _get(config, parent) if parent else config
     if node is not None and leaf not in node:
       node[leaf] = value(config) if callable(value) else value
   for name in _REMOVED_FIELDS:
@@ -123,23 +136,6 @@ def load_config(workdir):
       return _add_missing_fields(_from_json_value(json.load(f)))
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path} is not valid JSON ({e}); restore it or use a new workdir.") from e
-
-
-def _get(config, name):
-  node = config
-  for part in name.split("."):
-    if part not in node:
-      return None
-    node = node[part]
-  return node
-
-
-def _set(config, name, value):
-  *parents, leaf = name.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
 
 
 def absolute_paths(config):

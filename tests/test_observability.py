@@ -147,12 +147,12 @@ def test_a_wandb_project_without_wandb_is_one_config_error(monkeypatch):
 
 
 class _SlowBackend:
-  def __init__(self, fail=False):
-    self.release, self.rows, self.fail = threading.Event(), [], fail
+  def __init__(self, fail=False, fail_steps=()):
+    self.release, self.rows, self.fail, self.fail_steps = threading.Event(), [], fail, fail_steps
 
   def write(self, step, row):
     self.release.wait(10)
-    if self.fail:
+    if self.fail or step in self.fail_steps:
       raise OSError("disk full")
     self.rows.append((step, row))
 
@@ -176,6 +176,17 @@ def test_writes_return_before_the_backends_finish_and_errors_surface(tmp_path):
   failing.write(1, {"loss": 2.0})
   with pytest.raises(errors.UserError, match="Writing metrics failed: disk full"):
     failing.close()
+
+
+def test_a_failed_row_surfaces_even_when_later_rows_were_queued_after_it(tmp_path):
+  writer = metrics_lib.MetricsWriter(str(tmp_path))
+  once = _SlowBackend(fail_steps=(1,))
+  writer._backends.append(once)           # pylint: disable=protected-access
+  writer.write(1, {"loss": 2.0})
+  writer.write(2, {"loss": 1.0})          # queued behind the row that will fail
+  once.release.set()
+  with pytest.raises(errors.UserError, match="Writing metrics failed: disk full"):
+    writer.close()
 
 
 def test_calm_plot_draws_the_real_run_beside_a_fake_one(watched_run, tmp_path):

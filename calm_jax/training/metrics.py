@@ -99,7 +99,7 @@ class MetricsWriter:
 
   def __init__(self, workdir, enabled=True, config=None):
     self.enabled = enabled
-    self._backends, self._pending = [], None
+    self._backends, self._pending, self._error = [], None, None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -118,12 +118,16 @@ class MetricsWriter:
     self._pending = self._thread.submit(self._write_all, int(step), row)
 
   def _write_all(self, step, row):
-    for backend in self._backends:
-      backend.write(step, row)
+    try:
+      for backend in self._backends:
+        backend.write(step, row)
+    except Exception as e:  # pylint: disable=broad-except
+      self._error = self._error or e    # kept even when later rows are queued after it
+      raise
 
   def _raise_failed(self):
-    if self._pending is not None and self._pending.done() and self._pending.exception():
-      error, self._pending = self._pending.exception(), None
+    if self._error is not None:
+      error, self._error = self._error, None
       raise errors.UserError(f"Writing metrics failed: {error}") from error
 
   def flush(self):

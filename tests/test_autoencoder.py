@@ -21,9 +21,11 @@ def rngs(step=0):
           "sample": jax.random.fold_in(RNG, 2 * step + 2)}
 
 
-def tiny_config(k=4, vocab=32, latent=16):
+def tiny_config(k=4, vocab=32, latent=16, layers=2):
+  """The tiny recipe shrunk; 2 + 2 residual layers (the recipe's 0 is tested on its own)."""
   config = ae_experiment.get_config(f"size=tiny,K={k}")
-  config.model.update(vocab_size=vocab, hidden=32, mlp=64, latent_dim=latent)
+  config.model.update(vocab_size=vocab, hidden=32, mlp=64, latent_dim=latent,
+                      encoder_layers=layers, decoder_layers=layers)
   return config
 
 
@@ -131,6 +133,29 @@ def test_odd_layer_count_is_an_error():
   config.model.encoder_layers = 3
   with pytest.raises(ValueError, match="encoder_layers"):
     jax.eval_shape(lambda r, b: build_model(config).init(r, b), rngs(), make_batch())
+
+
+def test_linear_decoder_has_convex_token_regions():
+  """decoder_layers=0 (the reference's num_decoder_layers=0): a linear decoder whose token regions are convex.
+
+  Every point between two latents that decode the same token at a position decodes that token
+  too, so the average of chunks that share a token keeps it (a head's blob over such chunks
+  decodes to what they share); with hidden decoder layers that does not hold.
+  """
+  config = tiny_config(k=4, vocab=32, latent=16)
+  config.model.decoder_layers = 0                  # the encoder keeps its layers
+  model = build_model(config)
+  batch = make_batch()
+  v = numpy_init(model, batch, std=0.5)
+  assert not any(name.startswith("layers_") for name in v["params"]["decoder"])
+  z = jax.random.normal(jax.random.key(1), (2, 4000, 16))
+  decode = jax.jit(lambda z: jnp.argmax(model.apply(v, z, method="decode"), -1))
+  ends = np.asarray(decode(z.reshape(-1, 16))).reshape(2, 4000, 4)
+  same = ends[0] == ends[1]
+  assert 0.02 < same.mean() < 0.5                  # enough shared tokens to test, not trivial
+  for w in (0.1, 0.37, 0.5, 0.9):
+    mid = np.asarray(decode((1 - w) * z[0] + w * z[1]))
+    np.testing.assert_array_equal(mid[same], ends[0][same])
 
 
 def test_tiny_autoencoder_learns_to_reconstruct():

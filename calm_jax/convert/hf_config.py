@@ -78,9 +78,9 @@ def _check_common(hf, source):
 
 
 def _even_layers(value, field, source):
-  if value < 2 or value % 2:
+  if value < 0 or value % 2:
     raise ConvertError(f"{source}: {field}={value}; the reference uses layers 0..2*({value}//2)-1 "
-                       "in two stages and calm_jax needs an even number >= 2.")
+                       "in two stages and calm_jax needs an even number >= 0.")
   return value
 
 

@@ -115,8 +115,11 @@ def _infer_autoencoder_config(tensors, calm_hf):
   vocab, hidden = shape("ae_model.encoder.embed_tokens.weight")
   count = lambda part: len({m.group(1) for k in tensors.keys()
                             if (m := re.match(rf"ae_model\.{part}\.(\d+)\.", k))})
+  mlp_keys = [k for k in tensors.keys()
+              if re.fullmatch(r"ae_model\.(en|de)coder\.\1coder_layers\.0\.mlp\.gate_proj\.weight", k)]
   hf = {"architectures": ["Autoencoder"], "vocab_size": vocab, "hidden_size": hidden,
-        "intermediate_size": shape("ae_model.encoder.encoder_layers.0.mlp.gate_proj.weight")[0],
+        # With 0 + 0 layers (a linear autoencoder) no MLP records it, and none uses it.
+        "intermediate_size": shape(mlp_keys[0])[0] if mlp_keys else hidden,
         "latent_size": shape("ae_model.encoder.hidden_to_latent.weight")[0] // 2,
         "patch_size": shape("ae_model.encoder.squeeze_layer.weight")[1] // hidden,
         "num_encoder_layers": count("encoder.encoder_layers"),

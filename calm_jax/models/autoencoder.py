@@ -3,7 +3,10 @@
 Encoder: embed K tokens, the first half of the residual MLP layers per token, flatten
 K*D -> linear -> D, the second half, RMSNorm, linear to 2l = (mean, log_std).
 Decoder mirrors it: linear l -> D, layers, linear D -> K*D, layers, RMSNorm and the
-encoder's embedding (tied) to vocab logits. The four projections carry biases, as in the
+encoder's embedding (tied) to vocab logits. With decoder_layers=0 (the reference's
+num_decoder_layers=0) the decoder is linear up to the RMSNorm's positive scale, so the set
+of latents that decode a token at a position is convex: a point between chunks that share
+a token decodes that token too. The four projections carry biases, as in the
 paper's code; the MLPs do not. Params: 'embed', 'encoder', 'decoder'.
 
 Training (train=True): 15% of input tokens become mask_id, z = mean + std * eps,
@@ -38,9 +41,9 @@ class AELayer(nn.Module):
 
 
 def _stage_layers(n, field):
-  if n % 2 or n < 2:
+  if n % 2 or n < 0:
     raise ValueError(f"config.model.{field}={n}: the autoencoder splits its layers into two "
-                     "equal stages around the squeeze/expand; use an even number >= 2.")
+                     "equal stages around the squeeze/expand; use an even number >= 0.")
   return n // 2
 
 
@@ -73,7 +76,7 @@ def _residual_layers(module, x, num_layers, field, middle):
     if i == half:
       x = middle(x)
     x = AELayer(module.config, dtype=module.dtype, name=f"layers_{i}")(x)
-  return x
+  return middle(x) if half == 0 else x
 
 
 class _ResidualStack(nn.Module):

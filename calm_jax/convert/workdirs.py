@@ -115,8 +115,8 @@ def _infer_autoencoder_config(tensors, calm_hf):
   vocab, hidden = shape("ae_model.encoder.embed_tokens.weight")
   count = lambda part: len({m.group(1) for k in tensors.keys()
                             if (m := re.match(rf"ae_model\.{part}\.(\d+)\.", k))})
-  mlp_keys = [k for k in tensors.keys()
-              if re.fullmatch(r"ae_model\.(en|de)coder\.\1coder_layers\.0\.mlp\.gate_proj\.weight", k)]
+  mlp_keys = [key for key in (f"ae_model.{part}.{part}_layers.0.mlp.gate_proj.weight"
+                              for part in ("encoder", "decoder")) if key in tensors.keys()]
   hf = {"architectures": ["Autoencoder"], "vocab_size": vocab, "hidden_size": hidden,
         # With 0 + 0 layers (a linear autoencoder) no MLP records it, and none uses it.
         "intermediate_size": shape(mlp_keys[0])[0] if mlp_keys else hidden,

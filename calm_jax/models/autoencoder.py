@@ -72,11 +72,13 @@ def _dense(c, features, axes, name, dtype, use_bias=True):
 def _residual_layers(module, x, num_layers, field, middle):
   """The 2 * half AELayers layers_0.. of `module`, with middle(x) between the two halves."""
   half = _stage_layers(num_layers, field)
-  for i in range(2 * half):
-    if i == half:
-      x = middle(x)
-    x = AELayer(module.config, dtype=module.dtype, name=f"layers_{i}")(x)
-  return middle(x) if half == 0 else x
+  layer = lambda i, x: AELayer(module.config, dtype=module.dtype, name=f"layers_{i}")(x)
+  for i in range(half):
+    x = layer(i, x)
+  x = middle(x)
+  for i in range(half, 2 * half):
+    x = layer(i, x)
+  return x
 
 
 class _ResidualStack(nn.Module):

@@ -189,6 +189,19 @@ def test_a_failed_row_surfaces_even_when_later_rows_were_queued_after_it(tmp_pat
     writer.close()
 
 
+def test_flush_raises_a_failed_row_as_a_user_error_even_behind_a_good_one(tmp_path):
+  writer = metrics_lib.MetricsWriter(str(tmp_path))
+  once = _SlowBackend(fail_steps=(1,))
+  writer._backends.append(once)           # pylint: disable=protected-access
+  writer.write(1, {"loss": 2.0})
+  writer.write(2, {"loss": 1.0})          # succeeds after the row that fails
+  once.release.set()
+  with pytest.raises(errors.UserError, match="Writing metrics failed: disk full"):
+    writer.flush()
+  writer.flush()                          # reported once
+  writer.close()
+
+
 def test_calm_plot_draws_the_real_run_beside_a_fake_one(watched_run, tmp_path):
   from tests import test_plot  # pylint: disable=g-import-not-at-top
   fake = test_plot._fake_run(str(tmp_path / "calm"), "calm.py:size=tiny", 1.5e6, batch_size=8)  # pylint: disable=protected-access

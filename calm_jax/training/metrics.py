@@ -131,9 +131,10 @@ class MetricsWriter:
       raise errors.UserError(f"Writing metrics failed: {error}") from error
 
   def flush(self):
-    """Waits until every queued row is written."""
+    """Waits until every queued row is written; a failed row raises UserError (as write/close)."""
     if self.enabled and self._pending is not None:
-      self._pending.result()
+      concurrent.futures.wait([self._pending])     # rows run in order on one thread: the last one is last
+      self._raise_failed()
 
   def close(self):
     if not self.enabled:

@@ -87,6 +87,7 @@ _ADDED_FIELDS = (
     ("ar", "model.logits_chunk", 0),                                 # unchunked logits
     ("calm", "model.logits_chunk", 0),
     ("calm", "autoencoder.tokenizer_digest", ""),
+    ("calm", "model.target_std_scale", 1.0),                         # posterior-sample targets
 )
 # Fields that were replaced; a saved config's value is read by _ADDED_FIELDS, then dropped.
 _REMOVED_FIELDS = ("data.skip_bad_records",)

@@ -81,6 +81,9 @@ def _validate_calm(config, require_autoencoder):
           "for beta in (0, 2).")
   require(config.model.num_model_samples >= 2,
           "config.model.num_model_samples must be >= 2 (the diversity term needs pairs).")
+  require(config.model.target_std_scale >= 0,
+          f"config.model.target_std_scale={config.model.target_std_scale}: the targets' "
+          "posterior std is multiplied by it; use 1 (posterior samples) or 0 (the mean).")
 
 
 def _build_calm(config, ae_model_config):

@@ -90,15 +90,16 @@ def calm(config):
   8192 (l.27), betas (l.28-29), clip (l.30), seed 1 (l.32), 4 per device x 8 accumulation = 256 x
   8192 tokens (l.33, 35), 250k steps (l.37), saves every 50k (l.39), eval every 1000 (l.41), lr
   3e-4 constant (l.42-43), bf16 (l.50); files 02-29 of the Pile (l.9-15). Head: CALMConfig's
-  defaults (noise 64, 8 samples, beta 1) and energy_score's 100 target samples."""
+  defaults (noise 64, 8 samples, beta 1) and energy_score's 100 target samples drawn from the
+  posterior (target_std_scale 1)."""
   _training(config, per_device=4, accum=8, block=8192, steps=250_000, save_steps=50_000)
   config.data.train = _PILE + "0[2-9].text.jsonl," + _PILE + "[12][0-9].text.jsonl"
   config.data.packing = "concat"
   config.data.document_eos = False
   config.model.update(vocab_size=LLAMA3_VOCAB, patch_size=4, latent_dim=128, head="energy",
                       num_head_blocks=4, noise_dim=64, num_model_samples=8,
-                      num_target_samples=100, beta=1.0, rope_theta=10000.0, norm_eps=1e-6,
-                      layer_norm_eps=1e-6, init_std=0.02,
+                      num_target_samples=100, target_std_scale=1.0, beta=1.0,
+                      rope_theta=10000.0, norm_eps=1e-6, layer_norm_eps=1e-6, init_std=0.02,
                       targets_bf16_embeddings_in_training=True)
 
 

@@ -113,6 +113,29 @@ def test_invalid_targets_carry_no_loss():
   assert run(params, changed)[0] != loss
 
 
+def test_target_std_scale_scales_the_posterior_noise_of_the_targets():
+  """scale s with draws eps == scale 1 with draws s * eps; s = 0: the posterior mean (eps unused)."""
+  config, ae_model_config = configs(2)
+  batch = make_batch()
+  n = 2 * (16 // 2 - 1)
+
+  def loss(scale, eps_scale, eps_seed):
+    config.model.target_std_scale = scale
+    model = build_model(config, ae_model_config)
+    params = jax.jit(lambda b: model.init(rngs(), b, train=False))(batch)
+    params = jax.tree.map(lambda p: p + 0.05, params)    # a head that does not start at zero
+    noise = {"u": jax.random.uniform(RNG, (config.model.num_model_samples, n,
+                                           config.model.noise_dim), minval=-0.5, maxval=0.5),
+             "eps": eps_scale * jax.random.normal(jax.random.fold_in(RNG, eps_seed),
+                                                  (config.model.num_target_samples, n, LATENT))}
+    return model.apply(params, batch, train=True, noise=noise, rngs=rngs(1))[0]
+
+  np.testing.assert_allclose(loss(0.5, 1.0, 0), loss(1.0, 0.5, 0), rtol=1e-5)
+  np.testing.assert_allclose(loss(0.0, 1.0, 0), loss(1.0, 0.0, 0), rtol=1e-5)
+  np.testing.assert_allclose(loss(0.0, 1.0, 0), loss(0.0, 1.0, 1), rtol=1e-6)
+  assert abs(loss(1.0, 1.0, 0) - loss(1.0, 1.0, 1)) > 1e-4
+
+
 def test_extend_matches_hidden_states():
   config, ae_model_config = configs(2)
   model = build_model(config, ae_model_config)

@@ -61,13 +61,17 @@ def test_validation_errors(field, value, message):
     stages.validate(config)
 
 
-def test_calm_requires_autoencoder_and_sane_beta():
+def test_calm_requires_autoencoder_sane_beta_and_target_scale():
   config = _load("calm.py:size=tiny")
   with pytest.raises(config_lib.ConfigError, match="config.autoencoder.workdir"):
     stages.validate(config)
   config.autoencoder.workdir = "/x"
   config.model.beta = 2.0
   with pytest.raises(config_lib.ConfigError, match="strictly proper"):
+    stages.validate(config)
+  config.model.beta = 1.0
+  config.model.target_std_scale = -1.0
+  with pytest.raises(config_lib.ConfigError, match="config.model.target_std_scale=-1.0"):
     stages.validate(config)
 
 

@@ -141,7 +141,8 @@ def calm_config(hf, source):
       latent_dim=_get(hf, "latent_size", source),
       num_head_blocks=_get(hf, "num_mlp_layers", source), noise_dim=_get(hf, "noise_size", source),
       num_model_samples=_get(hf, "num_samples", source), beta=float(_get(hf, "beta", source, 1.0)),
-      num_target_samples=100,           # EnergyTransformer.energy_score: n_y = 100
+      num_target_samples=100,           # EnergyTransformer.energy_score: n_y = 100 posterior
+      target_std_scale=1.0,             # samples (std unscaled)
       layer_norm_eps=1e-6)              # every nn.LayerNorm of modeling_energy.py
   config.data.vocab_size = vocab
   return _blocks_of_k(config)
@@ -192,10 +193,11 @@ def hf_calm_config(config, ae_path, base=None, tokenizer=None):
   if m.head != "energy":
     raise ConvertError(f"config.model.head={m.head!r}: only the energy head has a reference "
                        "counterpart (EnergyTransformer) in calm_jax's mapping.")
-  if m.num_target_samples != 100 or m.layer_norm_eps != 1e-6:
-    raise ConvertError(
-        f"config.model.num_target_samples={m.num_target_samples}, layer_norm_eps="
-        f"{m.layer_norm_eps}: the reference fixes them at 100 and 1e-6.")
+  # num_target_samples and target_std_scale shape only the training loss (the reference's
+  # energy_score fixes 100 posterior samples): the exported network is the same either way.
+  if m.layer_norm_eps != 1e-6:
+    raise ConvertError(f"config.model.layer_norm_eps={m.layer_norm_eps}: the reference fixes "
+                       "it at 1e-6.")
   hf = dict(base or {})
   hf.update(
       architectures=["EnergyTransformer"], model_type="energy", ae_path=ae_path,

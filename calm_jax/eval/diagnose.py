@@ -139,7 +139,9 @@ def oracle_energies(run, train, evals, rng):
   """Energy loss of the oracle heads and of the trained head at the eval positions."""
   cfg = run.config.model
   n, m = cfg.num_model_samples, cfg.num_target_samples
-  mean, std = evals["mean"], evals["std"]
+  # The trainer's targets: posterior samples with the std scaled by target_std_scale.
+  train = dict(train, std=train["std"] * cfg.target_std_scale)
+  mean, std = evals["mean"], evals["std"] * cfg.target_std_scale
   p, dim = mean.shape
   gauss = lambda shape: rng.standard_normal(shape).astype(np.float32)
   posterior_of = lambda idx: train["mean"][idx] + train["std"][idx] * gauss(idx.shape + (dim,))

@@ -105,6 +105,9 @@ class CALM(nn.Module):
     h_BxT1xD = self.hidden_states(tokens_BxL)
     n = b * (length // k - 1)
     mean_Nxl, log_std_Nxl = self.targets(tokens_BxL[:, k:].reshape(n, k), train)
+    # The head's training targets: posterior samples with their std scaled by
+    # target_std_scale (1: the reference; 0: the posterior mean itself).
+    log_std_Nxl = log_std_Nxl + jnp.log(jnp.float32(c.target_std_scale))
     mask_NxK = jnp.asarray(batch["mask"], jnp.int32)[:, k:].reshape(n, k)
     valid_N = jnp.all(mask_NxK == 1, axis=-1)
     head_args = () if noise is None else (noise,)

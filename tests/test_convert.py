@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from calm_jax import config as config_lib
 from calm_jax.convert import ConvertError
 from calm_jax.convert import hf_config
 from calm_jax.convert import hf_files
@@ -105,6 +106,17 @@ def test_unsupported_calm_fields_are_errors_naming_the_field(field, value, match
   hf = dict(fixture_maker.CALM_DEFAULTS, **{field: value})
   with pytest.raises(ConvertError, match=match):
     hf_config.calm_config(hf, "HF/config.json")
+
+
+def test_a_tiny_run_exports_whatever_its_training_targets_were():
+  """num_target_samples / target_std_scale only shape the training loss: export allows them."""
+  config = config_lib.load_experiment("calm.py:size=tiny")
+  assert (config.model.num_target_samples, config.model.target_std_scale) == (1, 0.0)
+  hf = hf_config.hf_calm_config(config, "autoencoder")
+  assert (hf["num_samples"], hf["beta"], hf["patch_size"]) == (4, 1.0, 4)
+  config.model.layer_norm_eps = 1e-5                  # changes the network: refused
+  with pytest.raises(ConvertError, match="layer_norm_eps=1e-05"):
+    hf_config.hf_calm_config(config, "autoencoder")
 
 
 def test_config_mapping_reads_every_size():

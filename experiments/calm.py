@@ -68,10 +68,10 @@ def get_config(arg=None):
   model.num_head_blocks = max(1, model.layers // 4)
   model.noise_dim = 64                      # energy head: u ~ U[-0.5, 0.5]^noise_dim
   model.num_model_samples = s["samples"]    # N head samples per position (energy loss)
-  model.num_target_samples = s["target_samples"]   # M samples from the AE posterior (energy loss)
-  model.beta = s["beta"]                    # energy score exponent, in (0, 2)
+  model.num_target_samples = s["target_samples"]  # M targets per position (energy loss)
   model.target_std_scale = s["target_std_scale"]  # targets: AE posterior samples with the std
                                             # times this (1: the reference; 0: the posterior mean)
+  model.beta = s["beta"]                    # energy score exponent, in (0, 2)
   model.flow_steps = 4                      # flow head: midpoint ODE steps at sampling
   model.diffusion_train_steps = 1000        # diffusion head: noise schedule length
   model.diffusion_sample_steps = 100        # diffusion head: DDIM-style steps at sampling

@@ -62,11 +62,10 @@ def test_calm_predicts_a_deterministic_next_chunk(tmp_path, tiny_tokenizer_path)
 
 
 # K, sequence length, autoencoder steps, CALM steps and batch, eval tokens, and the factor
-# over the unigram Brier-1 required. K=4: 560 steps of the tiny recipe (4 head samples per
-# position) cost what 400 steps with 8 samples did; measured 2.6x (2.5x with 16 samples per
-# position; at 400 steps 1.2-1.5x, the old recipe 1.8x), one standard error is ~0.25x on
-# 16,384 tokens. K=1 4.8x (1.5x at 500 steps; 2,048 eval tokens keep it four standard errors
-# above 2x).
+# over the unigram Brier-1 required. Measured with the tiny recipe of 2026-12-07 (posterior-
+# mean targets, 4 head samples; 76 s and 81 s on 2 quiet cores): K=4 2.4x (one standard error
+# is ~0.25x on 16,384 tokens; 2.6x with the 100-sample targets, 1.2-1.5x at 400 steps); K=1
+# 3.8x (4.8x with the 100-sample targets, 1.5x at 500 steps).
 BUILTIN_RUNS = [(4, 64, 600, 560, 32, 16_384, 1.8), (1, 32, 200, 800, 16, 2048, 2.0)]
 
 

@@ -43,7 +43,7 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 CORPUS = "builtin:python_docs"
 PROMPT = "The function returns"
 
-# Overrides of the tiny experiment configs: full quickstart (about 12 minutes on 2 quiet
+# Overrides of the tiny experiment configs: full quickstart (8:38 measured on 2 quiet
 # CPU cores) and --small (the test suite). 512 pieces: see experiments/autoencoder.py's tiny
 # row. CALM trains on 32 x 128 tokens a step: with 16 x 64 the energy head has too little
 # signal to leave the marginal distribution in 1000 steps; more steps keep gaining (Brier-1

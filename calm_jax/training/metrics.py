@@ -133,7 +133,7 @@ class MetricsWriter:
   def flush(self):
     """Waits until every queued row is written; a failed row raises UserError (as write/close)."""
     if self.enabled and self._pending is not None:
-      concurrent.futures.wait([self._pending])     # rows run in order on one thread: the last one is last
+      concurrent.futures.wait([self._pending])     # one thread, rows in order: the last is last
       self._raise_failed()
 
   def close(self):

@@ -64,6 +64,16 @@ def test_quickstart_writes_a_summary(quickstart_dir):
   assert saved == json.loads(json.dumps(summary))
 
 
+def test_quickstart_trains_both_stages_at_its_profiles_chunk_size(quickstart_dir):
+  """The profile's K and latent size reach the autoencoder and CALM runs (and the summary)."""
+  workdir, summary = quickstart_dir
+  small = quickstart.PROFILES["small"]
+  assert summary["chunk_size_K"] == small["K"]
+  for stage in ("autoencoder", "calm"):
+    model = config_lib.load_config(os.path.join(workdir, stage)).model
+    assert (model.patch_size, model.latent_dim) == (small["K"], small["latent_dim"]), stage
+
+
 def test_quickstart_leaves_the_training_curves(quickstart_dir):
   workdir, _ = quickstart_dir
   image = matplotlib.image.imread(os.path.join(workdir, "curves.png"))

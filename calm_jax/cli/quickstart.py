@@ -4,8 +4,8 @@ r"""calm-quickstart: the whole CALM pipeline on the built-in corpus, on one CPU,
 
 Stages (each with its own progress bar), all in this process:
   1. tokenizer    a BPE tokenizer trained on builtin:python_docs   -> Q/tokenizer.model
-  2. autoencoder  experiments/autoencoder.py:size=tiny, shrunk       -> Q/autoencoder
-  3. calm         experiments/calm.py:size=tiny (energy head)        -> Q/calm
+  2. autoencoder  experiments/autoencoder.py:size=tiny,K=2, shrunk   -> Q/autoencoder
+  3. calm         experiments/calm.py:size=tiny,K=2 (energy head)    -> Q/calm
   4. eval         autoencoder token accuracy, CALM Brier-1..4 / BrierLM on the corpus' valid split
                   beside the unigram model's (it says whether CALM beat it)
   5. sample       a CALM continuation of a prompt at config.sampling's temperature (0.5)
@@ -43,21 +43,28 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 CORPUS = "builtin:python_docs"
 PROMPT = "The function returns"
 
-# Overrides of the tiny experiment configs: full quickstart (8:38 measured on 2 quiet
-# CPU cores) and --small (the test suite). 512 pieces: see experiments/autoencoder.py's tiny
-# row. CALM trains on 32 x 128 tokens a step: with 16 x 64 the energy head has too little
-# signal to leave the marginal distribution in 1000 steps; more steps keep gaining (Brier-1
-# 0.113 at 1800 steps, 0.151 at 3000; the tiny recipe's 4 head samples and one target per
-# position make a step cheap). eval_tokens 0 evaluates the whole held-out split (80k
-# tokens); brier_samples 16 head samples per position give the paper's Brier estimate with
-# less variance (Brier-4 is ~1e-3 here).
+# Overrides of the tiny experiment configs: full quickstart (14:18 measured on 2 quiet CPU
+# cores) and --small (the test suite).
+# 512 pieces: see experiments/autoencoder.py's tiny row. K=2 (chunks of 2 tokens, latent 64 =
+# 32 per token as tiny's K=4 / 128): at this size a K=4 head's samples spread over so many
+# chunks that a T=0.5 pool of 200 draws repeats none at 38 of 48 chunks, and the sample is
+# word fragments ("Return cacinationfdan."); with K=2 every chunk finds repeats and the sample
+# is words in order ("Returns the function."), BrierLM 3.49 against K=4's 1.75 (whole held-out
+# split; benchmarks/RESULTS.md "Ruled out, and the quickstart with K=2"). The benchmarks keep
+# the paper's K=4.
+# CALM trains on 32 x 128 tokens a step: with 16 x 64 the energy head has too little signal
+# to leave the marginal distribution in 1000 steps. eval_tokens 0 evaluates the whole held-out
+# split (80k tokens); brier_samples 16 head samples per position give the paper's Brier
+# estimate with less variance.
 PROFILES = {
-    "full": dict(vocab=512, tokenizer_chars=2_000_000, seq_len=64, ae_batch=32, ae_steps=2000,
-                 ae_lr=3e-3, calm_seq_len=128, calm_batch=32, calm_steps=3000, calm_lr=1e-3,
-                 warmup=50, eval_tokens=0, brier_samples=16, sample_tokens=48),
-    "small": dict(vocab=512, tokenizer_chars=300_000, seq_len=32, ae_batch=8, ae_steps=12,
-                  ae_lr=3e-3, calm_seq_len=32, calm_batch=8, calm_steps=8, calm_lr=1e-3,
-                  warmup=2, eval_tokens=512, brier_samples=2, sample_tokens=8),
+    "full": dict(vocab=512, tokenizer_chars=2_000_000, K=2, latent_dim=64, seq_len=64,
+                 ae_batch=32, ae_steps=2000, ae_lr=3e-3, calm_seq_len=128, calm_batch=32,
+                 calm_steps=3000, calm_lr=1e-3, warmup=50, eval_tokens=0, brier_samples=16,
+                 sample_tokens=48),
+    "small": dict(vocab=512, tokenizer_chars=300_000, K=2, latent_dim=64, seq_len=32,
+                  ae_batch=8, ae_steps=12, ae_lr=3e-3, calm_seq_len=32, calm_batch=8,
+                  calm_steps=8, calm_lr=1e-3, warmup=2, eval_tokens=512, brier_samples=2,
+                  sample_tokens=8),
 }
 
 
@@ -81,6 +88,23 @@ def _config(experiment, p, tokenizer_path, batch, steps, lr, seq_len, **sections
   config.eval.batch_size = 8
   for name, values in sections.items():
     config[name].update(values)
+  return config
+
+
+def _autoencoder_config(p, tokenizer_path):
+  """The tiny autoencoder at the profile's chunk size K and latent size."""
+  config = _config(f"autoencoder.py:size=tiny,K={p['K']}", p, tokenizer_path, p["ae_batch"],
+                   p["ae_steps"], p["ae_lr"], p["seq_len"])
+  config.model.latent_dim = p["latent_dim"]
+  return config
+
+
+def _calm_config(p, tokenizer_path, ae_dir):
+  """Tiny CALM (energy head) on the autoencoder run in ae_dir, at the profile's K and latent."""
+  config = _config(f"calm.py:size=tiny,head=energy,K={p['K']}", p, tokenizer_path,
+                   p["calm_batch"], p["calm_steps"], p["calm_lr"], p["calm_seq_len"],
+                   autoencoder=dict(workdir=os.path.abspath(ae_dir)))
+  config.model.latent_dim = p["latent_dim"]
   return config
 
 
@@ -119,18 +143,14 @@ def _run_stages(workdir, p, devices):
 
   t = _stage("2/5 autoencoder")
   ae_dir = os.path.join(workdir, "autoencoder")
-  ae_config = _config("autoencoder.py:size=tiny", p, tokenizer_path, p["ae_batch"],
-                      p["ae_steps"], p["ae_lr"], p["seq_len"])
+  ae_config = _autoencoder_config(p, tokenizer_path)
   if not _train_stage(ae_config, ae_dir, devices):
     return None
   timings["autoencoder"] = time.perf_counter() - t
 
   t = _stage("3/5 calm (energy head)")
   calm_dir = os.path.join(workdir, "calm")
-  calm_config = _config("calm.py:size=tiny,head=energy", p, tokenizer_path, p["calm_batch"],
-                        p["calm_steps"], p["calm_lr"], p["calm_seq_len"],
-                        autoencoder=dict(workdir=os.path.abspath(ae_dir)))
-  calm_config.model.latent_dim = ae_config.model.latent_dim
+  calm_config = _calm_config(p, tokenizer_path, ae_dir)
   if not _train_stage(calm_config, calm_dir, devices):
     return None
   timings["calm"] = time.perf_counter() - t
@@ -158,6 +178,7 @@ def _run_stages(workdir, p, devices):
   summary = {
       "workdir": os.path.abspath(workdir),
       "profile": "small" if p is PROFILES["small"] else "full",
+      "chunk_size_K": p["K"],
       "autoencoder_steps": ae_run.step,
       "autoencoder_token_accuracy": ae_result["token_accuracy"],
       "autoencoder_token_accuracy_noisy": ae_result["token_accuracy_noisy"],

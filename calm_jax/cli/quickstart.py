@@ -178,7 +178,7 @@ def _run_stages(workdir, p, devices):
   summary = {
       "workdir": os.path.abspath(workdir),
       "profile": "small" if p is PROFILES["small"] else "full",
-      "chunk_size_K": p["K"],
+      "chunk_size_K": calm_run.config.model.patch_size,
       "autoencoder_steps": ae_run.step,
       "autoencoder_token_accuracy": ae_result["token_accuracy"],
       "autoencoder_token_accuracy_noisy": ae_result["token_accuracy_noisy"],

@@ -30,12 +30,12 @@ SIZES = {
     # decoder does not need (99.8% accuracy at noise sigma 0.5); one target instead of 100,
     # and N = 4 head samples instead of the reference's 8, leave FLOPs for more steps.
     # Measured at 2e13 training FLOPs on the corpus with the linear-decoder tiny autoencoder
-    # (benchmarks/RESULTS.md "Issue 11"), Brier-1 / Brier-2 / Brier-4 / BrierLM:
+    # (benchmarks/RESULTS.md "Issue 11"; batch 32), Brier-1 / Brier-2 / Brier-4 / BrierLM:
     #   100 posterior samples, beta 1, N 8     0.032 / 0.0010 / 0       / 0
     #   100 posterior samples, beta 0.5, N 4   0.042 / 0.0026 / 0.00001 / 0.060
     #   posterior mean, beta 0.5, N 4          0.056 / 0.0044 / 0.00014 / 0.236
     #   posterior mean, beta 1, N 4            0.055 / 0.0045 / 0.00017 / 0.260
-    #   posterior mean, beta 0.25, N 4 (tiny)  0.060 / 0.0041 / 0.00027 / 0.293
+    #   posterior mean, beta 0.25, N 4         0.060 / 0.0041 / 0.00027 / 0.293
     #   AR tiny, same FLOPs                    0.110 / 0.0135 / 0.00011 / 0.446
     # beta 0.25 at K=4: at 4e13 FLOPs BrierLM 0.560 vs 0.394 with beta 1, every Brier-n higher.
     # beta_short_chunks, the exponent at K <= 2, stays 1: the quickstart (K=2) BrierLM 3.49 with

@@ -2,8 +2,8 @@
 
 * A synthetic corpus whose next chunk is a deterministic function of the previous one
   (tests/synthetic.py): K=4 CALM must reach Brier-1 > 0.9 on held-out documents in 1000
-  steps (0.99 measured with beta 0.25, whose learning starts later than beta 1's: 0.54 at 400
-  steps, 0.76-0.98 at 600; the old recipe, l=32 and init 0.02, reaches 0.03).
+  steps (0.96 measured at 600 steps; with another successor table 0.70 at 600, 0.99 at 800 and
+  1000; the old recipe, l=32 and init 0.02, reaches 0.03).
 * The built-in corpus: K=4 and K=1 CALM must beat the unigram model's Brier-1 on the
   held-out split. Both failed before the recipe fix (a spiky 32-dim latent space and a
   0.02 init at width 128: Brier-1 0.0065 vs unigram 0.0096).
@@ -64,9 +64,9 @@ def test_calm_predicts_a_deterministic_next_chunk(tmp_path, tiny_tokenizer_path)
 
 # K, sequence length, autoencoder steps, CALM steps and batch, eval tokens, and the factor
 # over the unigram Brier-1 required. Measured with the tiny recipe of 2026-12-07 (posterior-
-# mean targets, 4 head samples; 76 s and 81 s on 2 quiet cores): K=4 2.96x with beta 0.25, the
-# recipe's (2.4x with beta 1; one standard error is ~0.25x on 16,384 tokens; 1.2-1.5x at 400
-# steps); K=1 3.8x with its beta 1 (2.4x with beta 0.25, 1.5x at 500 steps).
+# mean targets, 4 head samples; 76 s and 81 s on 2 quiet cores): K=4 2.4x (one standard error
+# is ~0.25x on 16,384 tokens; 2.6x with the 100-sample targets, 1.2-1.5x at 400 steps); K=1
+# 3.8x (4.8x with the 100-sample targets, 1.5x at 500 steps).
 BUILTIN_RUNS = [(4, 64, 600, 560, 32, 16_384, 1.8), (1, 32, 200, 800, 16, 2048, 2.0)]
 
 

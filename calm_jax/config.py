@@ -88,6 +88,8 @@ _ADDED_FIELDS = (
     ("calm", "model.logits_chunk", 0),
     ("calm", "autoencoder.tokenizer_digest", ""),
     ("calm", "model.target_std_scale", 1.0),                         # posterior-sample targets
+    ("calm", "model.beta_start", lambda c: c.model.beta),            # one exponent throughout
+    ("calm", "model.beta_anneal_steps", 0),
 )
 # Fields that were replaced; a saved config's value is read by _ADDED_FIELDS, then dropped.
 _REMOVED_FIELDS = ("data.skip_bad_records",)

@@ -79,6 +79,10 @@ def _validate_calm(config, require_autoencoder):
   require(0 < config.model.beta < 2,
           f"config.model.beta={config.model.beta}: the energy score is strictly proper only "
           "for beta in (0, 2).")
+  require(0 < config.model.beta_start < 2 and config.model.beta_anneal_steps >= 0,
+          f"config.model.beta_start={config.model.beta_start}, beta_anneal_steps="
+          f"{config.model.beta_anneal_steps}: the exponent must stay in (0, 2) and the anneal "
+          "length be >= 0 (0: beta from the first step).")
   require(config.model.num_model_samples >= 2,
           "config.model.num_model_samples must be >= 2 (the diversity term needs pairs).")
   require(config.model.target_std_scale >= 0,

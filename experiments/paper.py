@@ -99,6 +99,7 @@ def calm(config):
   config.model.update(vocab_size=LLAMA3_VOCAB, patch_size=4, latent_dim=128, head="energy",
                       num_head_blocks=4, noise_dim=64, num_model_samples=8,
                       num_target_samples=100, target_std_scale=1.0, beta=1.0,
+                      beta_start=1.0, beta_anneal_steps=0,
                       rope_theta=10000.0, norm_eps=1e-6, layer_norm_eps=1e-6, init_std=0.02,
                       targets_bf16_embeddings_in_training=True)
 

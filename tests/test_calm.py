@@ -136,6 +136,27 @@ def test_target_std_scale_scales_the_posterior_noise_of_the_targets():
   assert abs(loss(1.0, 1.0, 0) - loss(1.0, 1.0, 1)) > 1e-4
 
 
+def test_energy_exponent_anneals_from_beta_start_to_beta():
+  """The loss at optimizer step s equals the loss with the constant exponent energy_beta(s)."""
+  config, ae_model_config = configs(2)
+  batch = make_batch()
+
+  def loss(beta, beta_start, anneal, step):
+    config.model.update(beta=beta, beta_start=beta_start, beta_anneal_steps=anneal)
+    model = build_model(config, ae_model_config)
+    params = jax.jit(lambda b: model.init(rngs(), b, train=False))(batch)
+    return model.apply(params, batch, train=True, step=step, rngs=rngs(1))
+
+  constant = lambda beta: loss(beta, beta, 0, None)[0]
+  assert loss(0.5, 1.5, 10, 0)[1]["energy_beta"] == 1.5
+  np.testing.assert_allclose(loss(0.5, 1.5, 10, 0)[0], constant(1.5), rtol=1e-6)
+  np.testing.assert_allclose(loss(0.5, 1.5, 10, jnp.int32(4))[0], constant(1.1), rtol=1e-6)
+  np.testing.assert_allclose(loss(0.5, 1.5, 10, 25)[0], constant(0.5), rtol=1e-6)
+  np.testing.assert_allclose(loss(0.5, 1.5, 10, None)[0], constant(0.5), rtol=1e-6)  # eval
+  assert "energy_beta" not in loss(0.5, 0.5, 0, 3)[1]
+  assert abs(constant(1.5) - constant(0.5)) > 1e-3
+
+
 def test_extend_matches_hidden_states():
   config, ae_model_config = configs(2)
   model = build_model(config, ae_model_config)

@@ -70,6 +70,14 @@ def test_calm_requires_autoencoder_sane_beta_and_target_scale():
   with pytest.raises(config_lib.ConfigError, match="strictly proper"):
     stages.validate(config)
   config.model.beta = 1.0
+  config.model.beta_start = 0.0
+  with pytest.raises(config_lib.ConfigError, match="config.model.beta_start=0.0"):
+    stages.validate(config)
+  config.model.beta_start = 1.0
+  config.model.beta_anneal_steps = -1
+  with pytest.raises(config_lib.ConfigError, match="beta_anneal_steps=-1"):
+    stages.validate(config)
+  config.model.beta_anneal_steps = 0
   config.model.target_std_scale = -1.0
   with pytest.raises(config_lib.ConfigError, match="config.model.target_std_scale=-1.0"):
     stages.validate(config)
@@ -108,7 +116,8 @@ def test_fields_added_since_a_run_was_saved_are_filled_with_what_it_computed(tmp
   for section, field in (("model", "layer_norm_eps"),
                          ("model", "targets_bf16_embeddings_in_training"),
                          ("data", "document_eos"), ("data", "pad_in_loss"),
-                         ("autoencoder", "digest")):
+                         ("autoencoder", "digest"), ("model", "beta_start"),
+                         ("model", "beta_anneal_steps")):
     del old[section][field]
   del old["init_from"]
   del old["data"]["max_bad_fraction"]
@@ -120,9 +129,13 @@ def test_fields_added_since_a_run_was_saved_are_filled_with_what_it_computed(tmp
   assert not loaded.model.targets_bf16_embeddings_in_training
   assert loaded.data.document_eos and not loaded.data.pad_in_loss
   assert loaded.init_from == "" and loaded.autoencoder.digest == ""
+  assert loaded.model.beta_start == loaded.model.beta and loaded.model.beta_anneal_steps == 0
   # Resuming with today's defaults flags only what the old run computed differently.
-  assert config_lib.config_changes(loaded, config) == [("model.layer_norm_eps", 1e-5, 1e-6)]
-  config.model.layer_norm_eps = 1e-5
+  # (an old run trained with one exponent, today's tiny anneals it from 1.0 over 1000 steps)
+  assert config_lib.config_changes(loaded, config) == [
+      ("model.beta_anneal_steps", 0, 1000), ("model.beta_start", 0.25, 1.0),
+      ("model.layer_norm_eps", 1e-5, 1e-6)]
+  config.model.update(layer_norm_eps=1e-5, beta_start=0.25, beta_anneal_steps=0)
   assert not config_lib.config_changes(loaded, config)
   old["data"]["skip_bad_records"] = True  # skipped any number of bad lines
   (tmp_path / "config.json").write_text(json.dumps(old))

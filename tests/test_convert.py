@@ -113,7 +113,7 @@ def test_a_tiny_run_exports_whatever_its_training_targets_were():
   config = config_lib.load_experiment("calm.py:size=tiny")
   assert (config.model.num_target_samples, config.model.target_std_scale) == (1, 0.0)
   hf = hf_config.hf_calm_config(config, "autoencoder")
-  assert (hf["num_samples"], hf["beta"], hf["patch_size"]) == (4, 1.0, 4)
+  assert (hf["num_samples"], hf["beta"], hf["patch_size"]) == (4, 0.25, 4)  # the final beta
   config.model.layer_norm_eps = 1e-5                  # changes the network: refused
   with pytest.raises(ConvertError, match="layer_norm_eps=1e-05"):
     hf_config.hf_calm_config(config, "autoencoder")

@@ -132,6 +132,7 @@ def calm_config(hf, source):
                        f"num_key_value_heads={kv_heads}: need hidden % heads == 0 and "
                        "heads % kv_heads == 0.")
   vocab = _get(hf, "vocab_size", source)
+  beta = float(_get(hf, "beta", source, 1.0))
   config.model.update(
       vocab_size=vocab, patch_size=_get(hf, "patch_size", source), hidden=hidden,
       mlp=_get(hf, "intermediate_size", source), layers=_get(hf, "num_hidden_layers", source),
@@ -140,7 +141,8 @@ def calm_config(hf, source):
                                                                 0.02),
       latent_dim=_get(hf, "latent_size", source),
       num_head_blocks=_get(hf, "num_mlp_layers", source), noise_dim=_get(hf, "noise_size", source),
-      num_model_samples=_get(hf, "num_samples", source), beta=float(_get(hf, "beta", source, 1.0)),
+      num_model_samples=_get(hf, "num_samples", source), beta=beta, beta_start=beta,
+      beta_anneal_steps=0,              # the reference trains with one exponent
       num_target_samples=100,           # EnergyTransformer.energy_score: n_y = 100 posterior
       target_std_scale=1.0,             # samples (std unscaled)
       layer_norm_eps=1e-6)              # every nn.LayerNorm of modeling_energy.py
@@ -193,8 +195,9 @@ def hf_calm_config(config, ae_path, base=None, tokenizer=None):
   if m.head != "energy":
     raise ConvertError(f"config.model.head={m.head!r}: only the energy head has a reference "
                        "counterpart (EnergyTransformer) in calm_jax's mapping.")
-  # num_target_samples and target_std_scale shape only the training loss (the reference's
-  # energy_score fixes 100 posterior samples): the exported network is the same either way.
+  # num_target_samples, target_std_scale and the exponent's anneal (beta_start,
+  # beta_anneal_steps; beta is its final value) shape only the training loss (the reference's
+  # energy_score fixes 100 posterior samples and one beta): the exported network is the same.
   if m.layer_norm_eps != 1e-6:
     raise ConvertError(f"config.model.layer_norm_eps={m.layer_norm_eps}: the reference fixes "
                        "it at 1e-6.")

@@ -45,9 +45,9 @@ class ARLanguageModel(nn.Module):
       self.lm_head(jnp.zeros((1, 1, self.config.hidden), self.dtype))
     return nn.unbox(self.lm_head.variables["params"]["kernel"])
 
-  def __call__(self, batch, train=False):
+  def __call__(self, batch, train=False, step=None):
     """Mean next-token cross-entropy over target positions with mask 1."""
-    del train      # no dropout in the baseline
+    del train, step      # no dropout in the baseline, no loss schedule
     tokens_BxL = jnp.asarray(batch["tokens"], jnp.int32)
     h_BxLxD = self.transformer(self.embed(tokens_BxL[:, :-1]))
     kernel_DxV = jnp.asarray(self._lm_kernel(), self.dtype)

@@ -164,8 +164,9 @@ class Autoencoder(nn.Module):
                                                 (num_chunks, c.latent_dim))
     return out
 
-  def __call__(self, batch, train=False, noise=None):
+  def __call__(self, batch, train=False, noise=None, step=None):
     """(loss, metrics); noise: the draws of `noise()` to use instead of fresh ones."""
+    del step       # no loss schedule
     c = self.config
     k = c.patch_size
     if batch["tokens"].shape[-1] % k:

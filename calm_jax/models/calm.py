@@ -27,6 +27,20 @@ from calm_jax.models.heads import common as head_layers
 from calm_jax.models.layers import Dense, Embed, constrain
 from calm_jax.models.losses import masked_mean
 
+def energy_beta(config, step):
+  """The energy exponent at an optimizer step: beta_start at step 0, linearly to beta over
+  beta_anneal_steps, then beta (step None, as in eval: beta).
+
+  A large exponent pulls far-off head samples in with a constant force; a small one is more
+  local (rewards landing on the right chunk more) but hardly moves a far-off sample, so it
+  starts slowly or stalls on some data (benchmarks/RESULTS.md, sixth session).
+  """
+  if step is None or config.beta_anneal_steps == 0:
+    return jnp.float32(config.beta)
+  frac = jnp.minimum(jnp.asarray(step, jnp.float32) / config.beta_anneal_steps, 1.0)
+  return jnp.float32(config.beta_start) + frac * jnp.float32(config.beta - config.beta_start)
+
+
 # Fields that must agree between the CALM config and its autoencoder's config.
 SHARED_FIELDS = ("patch_size", "latent_dim", "vocab_size")
 
@@ -92,11 +106,12 @@ class CALM(nn.Module):
                                             bf16_embeddings=bf16)
     return jax.lax.stop_gradient(mean), jax.lax.stop_gradient(log_std)
 
-  def __call__(self, batch, train=False, noise=None):
+  def __call__(self, batch, train=False, noise=None, step=None):
     """(loss, metrics): the head's loss averaged over targets with all K tokens real.
 
     No dropout; the 'sample' rng drives the head in training and eval. noise: the head's
     loss draws (EnergyHead.loss_noise) to use instead of fresh ones (energy head only).
+    step: the optimizer step, for the energy exponent's schedule (None: its final value).
     """
     c = self.config
     k = c.patch_size
@@ -110,15 +125,19 @@ class CALM(nn.Module):
     log_std_Nxl = log_std_Nxl + jnp.log(jnp.float32(c.target_std_scale))
     mask_NxK = jnp.asarray(batch["mask"], jnp.int32)[:, k:].reshape(n, k)
     valid_N = jnp.all(mask_NxK == 1, axis=-1)
-    head_args = () if noise is None else (noise,)
+    head_kwargs = {} if noise is None else {"noise": noise}
+    if c.head == "energy":
+      head_kwargs["beta"] = energy_beta(c, step)
     loss_N, metrics_N = self.head.loss(h_BxT1xD.reshape(n, c.hidden), mean_Nxl, log_std_Nxl,
-                                       *head_args)
+                                       **head_kwargs)
     if self.is_initializing():      # create the frozen decoder's params too
       self.decode_latent(jnp.zeros((1, c.latent_dim), jnp.float32))
     loss = masked_mean(loss_N, valid_N)
     metrics = {name: masked_mean(m_N, valid_N) for name, m_N in metrics_N.items()}
     metrics["loss"] = loss
     metrics["valid_fraction"] = jnp.mean(jnp.asarray(valid_N, jnp.float32))
+    if "beta" in head_kwargs and c.beta_anneal_steps and step is not None:
+      metrics["energy_beta"] = head_kwargs["beta"]
     return loss, metrics
 
   def init_cache(self, batch_size, max_chunks):

@@ -59,8 +59,9 @@ def _microbatches(batch, num):
 def make_train_step(model, tx, schedule, grad_accum_steps):
   """train_step(state, frozen, batch, rng) -> (state, metrics); pure, for jax.jit."""
 
-  def loss_fn(params, frozen, batch, rng):
-    return model.apply({"params": {**params, **frozen}}, batch, train=True, rngs=_rngs(rng))
+  def loss_fn(params, frozen, batch, rng, step):
+    return model.apply({"params": {**params, **frozen}}, batch, train=True, step=step,
+                       rngs=_rngs(rng))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -70,12 +71,13 @@ def make_train_step(model, tx, schedule, grad_accum_steps):
     frozen = compute_params(frozen, model.dtype)
     to_master = lambda g, p: g.astype(p.dtype)
     if grad_accum_steps == 1:
-      (_, metrics), grads = grad_fn(params, frozen, batch, rng)
+      (_, metrics), grads = grad_fn(params, frozen, batch, rng, state.step)
       grads = jax.tree.map(to_master, grads, state.params)
     else:
       def accumulate(grads_sum, xs):
         index, microbatch = xs
-        (_, m), g = grad_fn(params, frozen, microbatch, jax.random.fold_in(rng, index))
+        (_, m), g = grad_fn(params, frozen, microbatch, jax.random.fold_in(rng, index),
+                            state.step)
         return jax.tree.map(lambda s, g: s + to_master(g, s), grads_sum, g), m
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)

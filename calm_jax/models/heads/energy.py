@@ -115,17 +115,19 @@ class EnergyHead(nn.Module):
                             jnp.float32)
     return {"u": u, "eps": eps}
 
-  def loss(self, h_NxD, mean_Nxl, log_std_Nxl, noise=None):
+  def loss(self, h_NxD, mean_Nxl, log_std_Nxl, noise=None, beta=None):
     """Energy loss per position: (loss_N, metrics of float32[N]).
 
     noise: the draws of `loss_noise` to use instead of fresh ones (the reference checks
     inject the reference's own draws here); None draws them from the rng stream 'sample'.
+    beta: the exponent (a scalar, traced in training under a schedule); None: config.beta.
     """
     cfg = self.model_config
+    beta = cfg.beta if beta is None else beta
     noise = self.loss_noise(h_NxD.shape[0]) if noise is None else noise
     x_SxNxl = self.generate(self.condition(h_NxD)[None], noise["u"])
     y_MxNxl = common.posterior_from_noise(mean_Nxl, log_std_Nxl, noise["eps"])
-    fidelity_N, diversity_N = energy_score.energy_terms(x_SxNxl, y_MxNxl, cfg.beta)
+    fidelity_N, diversity_N = energy_score.energy_terms(x_SxNxl, y_MxNxl, beta)
     loss_N = 2.0 * fidelity_N - diversity_N
     mean_sq_SxN = jnp.sum(jnp.square(x_SxNxl - jnp.asarray(mean_Nxl, jnp.float32)), axis=-1)
     sample_to_mean_N = jnp.mean(energy_score.safe_norm_pow(mean_sq_SxN, 1.0), axis=0)

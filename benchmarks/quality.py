@@ -5,7 +5,7 @@ r"""Quality benchmark: CALM (energy, flow, diffusion heads) vs the AR baseline a
 
 A small-scale replication of the paper's comparison, in this process:
   1. a BPE tokenizer (the tiny configs' 512 pieces) trained on the training corpus;
-  2. the tiny autoencoder (experiments/autoencoder.py:size=tiny, K=4), trained for the
+  2. the tiny autoencoder (experiments/autoencoder.py:size=tiny, K=4 or --K), trained for the
      budget's autoencoder steps; its token accuracy (posterior mean, and with Gaussian
      noise on z at config.eval.noise_sigmas) on the validation corpus and WikiText-103;
   3. the AR baseline and CALM with each head (experiments/*.py:size=tiny, the same
@@ -16,7 +16,9 @@ A small-scale replication of the paper's comparison, in this process:
      the validation corpus and of the last one on WikiText-103, the AR baseline's
      cross-entropy beside its BrierLM; a PNG of BrierLM against training FLOPs.
 Runs live in --workdir/<budget>/ and are reused: a finished run is not retrained and a
-recorded evaluation is not repeated. The stage-1 training FLOPs are reported apart
+recorded evaluation is not repeated. With --K other than the paper's 4 the autoencoder and CALM
+runs are named <run>_K<k> beside the shared tokenizer and AR run, and the JSON is
+quality_<budget>_K<k>.json. The stage-1 training FLOPs are reported apart
 (CALM's per-step count does include the frozen encoder that makes its targets).
 """
 import argparse
@@ -41,7 +43,7 @@ from calm_jax.training import loop  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(bench_lib.REPO), "shared", "data")
-K = 4
+K = 4                            # the paper's chunk size; --K changes it
 HEADS = ("energy", "flow", "diffusion")
 DEFAULT_HEADS = ("energy",)      # the paper's head; --heads energy,flow,diffusion adds the others
 
@@ -93,6 +95,9 @@ def parse_args(argv=None):
   p.add_argument("--ae_steps", type=int, default=0, help="autoencoder steps (0: the budget's).")
   p.add_argument("--eval_tokens", type=int, default=0, help="tokens per evaluation (0: the budget's).")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--K", type=int, default=K, help="CALM's chunk size (the autoencoder's K).")
+  p.add_argument("--latent_dim", type=int, default=0,
+                 help="the autoencoder's latent size l (0: 32 K, the tiny recipe's 128 at K=4).")
   args = p.parse_args(argv)
   if isinstance(args.budget, str):       # argparse does not convert a string default
     args.budget = budget_value(args.budget)
@@ -112,8 +117,12 @@ def parse_args(argv=None):
       p.error(f"--heads: unknown head {head!r}; use {','.join(HEADS)}.")
   if args.checkpoints < 1:
     p.error("--checkpoints must be >= 1.")
+  if args.K < 1:
+    p.error("--K must be >= 1.")
+  args.latent_dim = args.latent_dim or 32 * args.K
+  args.suffix = "" if args.K == K else f"_K{args.K}"
   if args.output is None:
-    args.output = os.path.join(HERE, f"quality_{args.budget_name}.json")
+    args.output = os.path.join(HERE, f"quality_{args.budget_name}{args.suffix}.json")
   return args
 
 
@@ -132,19 +141,22 @@ def _common(config, args, tokenizer_path, steps, checkpoints):
 
 
 def train_autoencoder(args, root, tokenizer_path):
-  config = _common(bench_lib.load("autoencoder", size="tiny", K=K), args, tokenizer_path,
+  config = _common(bench_lib.load("autoencoder", size="tiny", K=args.K), args, tokenizer_path,
                    args.preset["ae_steps"], 1)
-  workdir = os.path.join(root, "autoencoder")
+  config.model.latent_dim = args.latent_dim
+  workdir = os.path.join(root, "autoencoder" + args.suffix)
   start = time.perf_counter()
   loop.train_and_evaluate(config, workdir)
   return config, workdir, time.perf_counter() - start
 
 
-def stage2_config(name):
-  """The tiny AR baseline or CALM (K=4) config of a model name: 'ar' or 'calm_<head>'."""
+def stage2_config(name, args):
+  """The tiny AR baseline or CALM config of a model name: 'ar' or 'calm_<head>[_K<k>]'."""
   if name == "ar":
     return bench_lib.load("ar_baseline", size="tiny")
-  return bench_lib.load("calm", size="tiny", K=K, head=name.split("_", 1)[1])
+  config = bench_lib.load("calm", size="tiny", K=args.K, head=name.split("_")[1])
+  config.model.latent_dim = args.latent_dim
+  return config
 
 
 def flops_per_step(config, ae_config):
@@ -228,7 +240,7 @@ def plot(result, path):
     ax.grid(alpha=0.3)
   axes[0].legend()
   axes[1].legend()
-  fig.suptitle(f"CALM (K={K}) vs AR, tiny backbone, equal training FLOPs (budget "
+  fig.suptitle(f"CALM (K={result['K']}) vs AR, tiny backbone, equal training FLOPs (budget "
                f"{result['budget']})")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -246,7 +258,7 @@ def tables(result):
       rows.append([label, bench_lib.fmt(100 * r["token_accuracy"], ".2f")] +
                   [bench_lib.fmt(100 * v, ".2f") for v in r["token_accuracy_noisy"].values()])
   sigmas = list(ae.get("valid", {}).get("token_accuracy_noisy", {}))
-  out = [bench_lib.format_table(["autoencoder (K=4)", "token acc %"] +
+  out = [bench_lib.format_table([f"autoencoder (K={result['K']})", "token acc %"] +
                                 [f"acc % sigma={s}" for s in sigmas], rows)]
   header = ["model", "steps", "train FLOPs", "valid BrierLM", "valid Brier-1",
             "unigram Brier-1", "valid CE", "wikitext BrierLM", "wikitext CE"]
@@ -284,6 +296,7 @@ def run(args):
   for spec in filter(None, (args.train, args.valid, args.wikitext)):
     sources.check_spec(spec)
   result = {"benchmark": "quality", "budget": args.budget_name, "budget_flops": args.preset["flops"],
+            "K": args.K, "latent_dim": args.latent_dim,
             "preset": args.preset, "data": {"train": args.train, "valid": args.valid,
                                             "wikitext": args.wikitext},
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -305,8 +318,8 @@ def run(args):
                                train_flops=ae_flops * ae_config.train.steps,
                                steps=ae_config.train.steps)
 
-  for name in ["ar"] + [f"calm_{h}" for h in args.heads]:
-    config = stage2_config(name)
+  for name in ["ar"] + [f"calm_{h}{args.suffix}" for h in args.heads]:
+    config = stage2_config(name, args)
     is_calm = stages.get(config).needs_autoencoder
     if is_calm:
       config.autoencoder.workdir = os.path.abspath(ae_dir)

@@ -114,6 +114,14 @@ def test_quality_budgets():
   assert args.valid == "jsonl:/data/corpus/valid.jsonl"
   assert args.wikitext == "jsonl:/data/wikitext103/test.jsonl"
   assert args.output.endswith("quality_tiny.json")
+  assert (args.K, args.latent_dim, args.suffix) == (4, 128, "")
+  config = quality.stage2_config("calm_energy", args)
+  assert (config.model.patch_size, config.model.latent_dim) == (4, 128)
+  args = quality.parse_args(["--budget", "medium", "--K", "2"])   # runs and JSON apart from K=4
+  assert (args.latent_dim, args.suffix) == (64, "_K2")
+  assert args.output.endswith("quality_medium_K2.json")
+  config = quality.stage2_config("calm_energy_K2", args)
+  assert (config.model.head, config.model.patch_size, config.model.latent_dim) == ("energy", 2, 64)
   args = quality.parse_args(["--budget", "3e12", "--wikitext", "none", "--heads", "energy"])
   assert args.budget_name == "flops_3e+12" and args.preset["flops"] == 3e12
   assert args.wikitext == "" and args.heads == ["energy"]

@@ -65,13 +65,16 @@ def test_quickstart_writes_a_summary(quickstart_dir):
 
 
 def test_quickstart_trains_both_stages_at_its_profiles_chunk_size(quickstart_dir):
-  """The profile's K and latent size reach the autoencoder and CALM runs (and the summary)."""
+  """The profile's K and latent size reach the autoencoder and CALM runs (and the summary), its
+  constant energy exponent the CALM run."""
   workdir, summary = quickstart_dir
   small = quickstart.PROFILES["small"]
   assert summary["chunk_size_K"] == small["K"]
   for stage in ("autoencoder", "calm"):
     model = config_lib.load_config(os.path.join(workdir, stage)).model
     assert (model.patch_size, model.latent_dim) == (small["K"], small["latent_dim"]), stage
+  calm = config_lib.load_config(os.path.join(workdir, "calm")).model
+  assert (calm.beta, calm.beta_start, calm.beta_anneal_steps) == (small["calm_beta"],) * 2 + (0,)
 
 
 def test_quickstart_leaves_the_training_curves(quickstart_dir):

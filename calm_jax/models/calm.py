@@ -36,7 +36,7 @@ def energy_beta(config, step):
   starts slowly or stalls on some data (benchmarks/RESULTS.md, sixth session).
   """
   if step is None or config.beta_anneal_steps == 0:
-    return jnp.float32(config.beta)
+    return config.beta            # a Python float: the exact graph of a constant exponent
   frac = jnp.minimum(jnp.asarray(step, jnp.float32) / config.beta_anneal_steps, 1.0)
   return jnp.float32(config.beta_start) + frac * jnp.float32(config.beta - config.beta_start)
 

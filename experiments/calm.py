@@ -44,7 +44,8 @@ SIZES = {
     # with successor table 11 it stalls at Brier-1 0.73 after 1000 steps, and so does an anneal
     # over 500 steps (0.75); beta 1 reaches 0.99 by 800. The 1000-step anneal reaches Brier-1
     # >= 0.996 on tables 5, 7, 11, 13 and 17, and BrierLM 0.570 at 4e13 (beta 1: 0.494); at
-    # K=2 (latent 64, its own autoencoder) 0.772, 47% of the AR baseline's 1.636.
+    # K=2 (latent 64, its own autoencoder) 0.772, 47% of the AR baseline's 1.636 (constant
+    # beta 1 at K=2: 0.766; the quickstart keeps beta 1, see calm_jax/cli/quickstart.py).
     "tiny": dict(vocab_size=512, latent_dim=128, seq_len=256, batch_size=16, steps=2000, lr=1e-3,
                  beta=0.25, beta_start=1.0, beta_anneal_steps=1000, samples=4,
                  target_std_scale=0.0, target_samples=1),

@@ -27,6 +27,7 @@ from calm_jax.models.heads import common as head_layers
 from calm_jax.models.layers import Dense, Embed, constrain
 from calm_jax.models.losses import masked_mean
 
+
 def energy_beta(config, step):
   """The energy exponent at an optimizer step: beta_start at step 0, linearly to beta over
   beta_anneal_steps, then beta (step None, as in eval: beta).

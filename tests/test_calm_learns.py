@@ -2,8 +2,10 @@
 
 * A synthetic corpus whose next chunk is a deterministic function of the previous one
   (tests/synthetic.py): K=4 CALM must reach Brier-1 > 0.9 on held-out documents in 1000
-  steps (0.96 measured at 600 steps; with another successor table 0.70 at 600, 0.99 at 800 and
-  1000; the old recipe, l=32 and init 0.02, reaches 0.03).
+  steps. With the tiny recipe's exponent annealed from 1 to 0.25 over those 1000 steps: 0.994
+  at 400 steps and 0.998 at 1000 on this table; 0.73 at 600, 0.835 at 800 and 0.998 at 1000
+  on successor table 11 (constant beta 1: 0.96 at 600 here, 0.70 / 0.99 / 0.996 on table 11;
+  constant 0.25 stalls at 0.73 there; the old recipe, l=32 and init 0.02, reaches 0.03).
 * The built-in corpus: K=4 and K=1 CALM must beat the unigram model's Brier-1 on the
   held-out split. Both failed before the recipe fix (a spiky 32-dim latent space and a
   0.02 init at width 128: Brier-1 0.0065 vs unigram 0.0096).
@@ -63,10 +65,12 @@ def test_calm_predicts_a_deterministic_next_chunk(tmp_path, tiny_tokenizer_path)
 
 
 # K, sequence length, autoencoder steps, CALM steps and batch, eval tokens, and the factor
-# over the unigram Brier-1 required. Measured with the tiny recipe of 2026-12-07 (posterior-
-# mean targets, 4 head samples; 76 s and 81 s on 2 quiet cores): K=4 2.4x (one standard error
-# is ~0.25x on 16,384 tokens; 2.6x with the 100-sample targets, 1.2-1.5x at 400 steps); K=1
-# 3.8x (4.8x with the 100-sample targets, 1.5x at 500 steps).
+# over the unigram Brier-1 required. Measured with the tiny recipe of 2026-12-07 at constant
+# beta 1 (posterior-mean targets, 4 head samples; 76 s and 81 s on 2 quiet cores): K=4 2.4x
+# (one standard error is ~0.25x on 16,384 tokens; 2.6x with the 100-sample targets, 1.2-1.5x
+# at 400 steps); K=1 3.8x (4.8x with the 100-sample targets, 1.5x at 500 steps). With the
+# annealed exponent these runs end at beta ~0.6 / ~0.4 and pass; the factors were not
+# measured again.
 BUILTIN_RUNS = [(4, 64, 600, 560, 32, 16_384, 1.8), (1, 32, 200, 800, 16, 2048, 2.0)]
 
 

@@ -157,7 +157,8 @@ def train_head(run, train, evals, condition, args):
   """Trains an OracleHead on `condition`; its energy, decode accuracy and blob-ness."""
   model_cfg = run.config.model
   cfg = ml_collections.ConfigDict(dict(
-      vocab_size=model_cfg.vocab_size, hidden=args.head_width, init_std=args.head_width ** -0.5,
+      vocab_size=model_cfg.vocab_size, hidden=args.head_width, head_hidden=0,
+      init_std=args.head_width ** -0.5,
       layer_norm_eps=1e-6, num_head_blocks=args.head_blocks, latent_dim=model_cfg.latent_dim,
       noise_dim=64, num_model_samples=NUM_SAMPLES, num_target_samples=NUM_TARGETS,
       beta=args.beta))

@@ -90,6 +90,7 @@ _ADDED_FIELDS = (
     ("calm", "model.target_std_scale", 1.0),                         # posterior-sample targets
     ("calm", "model.beta_start", lambda c: c.model.beta),            # one exponent throughout
     ("calm", "model.beta_anneal_steps", 0),
+    ("calm", "model.head_hidden", 0),                                # as wide as the backbone
 )
 # Fields that were replaced; a saved config's value is read by _ADDED_FIELDS, then dropped.
 _REMOVED_FIELDS = ("data.skip_bad_records",)

@@ -83,6 +83,9 @@ def _validate_calm(config, require_autoencoder):
           f"config.model.beta_start={config.model.beta_start}, beta_anneal_steps="
           f"{config.model.beta_anneal_steps}: the exponent must stay in (0, 2) and the anneal "
           "length be >= 0 (0: beta from the first step).")
+  require(config.model.head_hidden >= 0,
+          f"config.model.head_hidden={config.model.head_hidden}: the generative head's width must "
+          "be >= 1, or 0 for the backbone's hidden (the reference's).")
   require(config.model.num_model_samples >= 2,
           "config.model.num_model_samples must be >= 2 (the diversity term needs pairs).")
   require(config.model.target_std_scale >= 0,

@@ -48,16 +48,16 @@ SIZES = {
     # beta 1 at K=2: 0.766; the quickstart keeps beta 1, see calm_jax/cli/quickstart.py).
     "tiny": dict(vocab_size=512, latent_dim=128, seq_len=256, batch_size=16, steps=2000, lr=1e-3,
                  beta=0.25, beta_start=1.0, beta_anneal_steps=1000, samples=4,
-                 target_std_scale=0.0, target_samples=1),
+                 target_std_scale=0.0, target_samples=1, head_hidden=0),
     "M": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000,
               lr=3e-4, beta=1.0, beta_start=1.0, beta_anneal_steps=0, samples=8,
-              target_std_scale=1.0, target_samples=100),
+              target_std_scale=1.0, target_samples=100, head_hidden=0),
     "L": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000,
               lr=3e-4, beta=1.0, beta_start=1.0, beta_anneal_steps=0, samples=8,
-              target_std_scale=1.0, target_samples=100),
+              target_std_scale=1.0, target_samples=100, head_hidden=0),
     "XL": dict(vocab_size=32768, latent_dim=128, seq_len=2048, batch_size=256, steps=250_000,
                lr=3e-4, beta=1.0, beta_start=1.0, beta_anneal_steps=0, samples=8,
-               target_std_scale=1.0, target_samples=100),
+               target_std_scale=1.0, target_samples=100, head_hidden=0),
 }
 
 
@@ -81,6 +81,8 @@ def get_config(arg=None):
   model.latent_dim = s["latent_dim"]        # must equal the autoencoder's l
   model.head = arg.head                     # 'energy' | 'flow' | 'diffusion'
   model.num_head_blocks = max(1, model.layers // 4)
+  model.head_hidden = s["head_hidden"]      # the head's width D (0: the backbone's hidden, as
+                                            # the reference ties them)
   model.noise_dim = 64                      # energy head: u ~ U[-0.5, 0.5]^noise_dim
   model.num_model_samples = s["samples"]    # N head samples per position (energy loss)
   model.num_target_samples = s["target_samples"]  # M targets per position (energy loss)

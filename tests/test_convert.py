@@ -114,6 +114,12 @@ def test_a_tiny_run_exports_whatever_its_training_targets_were():
   assert (config.model.num_target_samples, config.model.target_std_scale) == (1, 0.0)
   hf = hf_config.hf_calm_config(config, "autoencoder")
   assert (hf["num_samples"], hf["beta"], hf["patch_size"]) == (4, 0.25, 4)  # the final beta
+  config.model.head_hidden = config.model.hidden      # the reference's width, said outright
+  assert hf_config.hf_calm_config(config, "autoencoder")["hidden_size"] == config.model.hidden
+  config.model.head_hidden = config.model.hidden // 2  # a narrower head: no reference layout
+  with pytest.raises(ConvertError, match="head_hidden=64"):
+    hf_config.hf_calm_config(config, "autoencoder")
+  config.model.head_hidden = 0
   config.model.layer_norm_eps = 1e-5                  # changes the network: refused
   with pytest.raises(ConvertError, match="layer_norm_eps=1e-05"):
     hf_config.hf_calm_config(config, "autoencoder")

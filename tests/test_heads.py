@@ -21,7 +21,7 @@ HIDDEN = 32
 
 def _config(head):
   return ml_collections.ConfigDict(dict(
-      head=head, hidden=HIDDEN, latent_dim=2, num_head_blocks=2, layer_norm_eps=1e-6, init_std=0.02,
+      head=head, hidden=HIDDEN, head_hidden=0, latent_dim=2, num_head_blocks=2, layer_norm_eps=1e-6, init_std=0.02,
       noise_dim=16, num_model_samples=8, num_target_samples=32, beta=1.0,
       head_batch_mul=4, flow_steps=8, diffusion_train_steps=1000, diffusion_sample_steps=50))
 

@@ -139,7 +139,7 @@ def calm_config(hf, source):
       heads=heads, kv_heads=kv_heads, rope_theta=float(_get(hf, "rope_theta", source, 10000.0)),
       norm_eps=_get(hf, "rms_norm_eps", source), init_std=_get(hf, "initializer_range", source,
                                                                 0.02),
-      latent_dim=_get(hf, "latent_size", source),
+      latent_dim=_get(hf, "latent_size", source), head_hidden=0,   # as wide as the backbone
       num_head_blocks=_get(hf, "num_mlp_layers", source), noise_dim=_get(hf, "noise_size", source),
       num_model_samples=_get(hf, "num_samples", source), beta=beta, beta_start=beta,
       beta_anneal_steps=0,              # the reference trains with one exponent
@@ -198,6 +198,10 @@ def hf_calm_config(config, ae_path, base=None, tokenizer=None):
   # num_target_samples, target_std_scale and the exponent's anneal (beta_start,
   # beta_anneal_steps; beta is its final value) shape only the training loss (the reference's
   # energy_score fixes 100 posterior samples and one beta): the exported network is the same.
+  if m.head_hidden not in (0, m.hidden):
+    raise ConvertError(f"config.model.head_hidden={m.head_hidden}: the reference's energy head is "
+                       f"as wide as the backbone (hidden_size={m.hidden}); export a run with "
+                       "head_hidden equal to model.hidden.")
   if m.layer_norm_eps != 1e-6:
     raise ConvertError(f"config.model.layer_norm_eps={m.layer_norm_eps}: the reference fixes "
                        "it at 1e-6.")

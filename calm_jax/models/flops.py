@@ -18,6 +18,7 @@ XLA's cost analysis of the compiled step checks these numbers (tests/test_flops.
 can: it counts a while-loop body (a scanned layer stack) once, so only an unrolled copy of
 the step is comparable.
 """
+from calm_jax.models.heads import common as head_common
 
 
 def _mm(m, k, n=1):
@@ -55,17 +56,17 @@ def decoder_forward(ae, chunks):
 
 def head_forward(c, positions):
   """The generative head's forward FLOPs on `positions` positions (training draws)."""
-  d, l = c.hidden, c.latent_dim
+  d, l = head_common.width(c), c.latent_dim
   if c.head == "energy":
     per_sample = (_mm(1, c.noise_dim, d) + c.num_head_blocks * _mm(1, d, 5 * d)
                   + _mm(1, d, d) + _mm(1, d, l))
-    once = _mm(1, d, d) * (1 + c.num_head_blocks)          # the condition and its shares
+    once = _mm(1, c.hidden, d) + _mm(1, d, d) * c.num_head_blocks   # the condition, its shares
     score = _mm(c.num_model_samples, l, c.num_target_samples)   # sample-target distances
     return positions * (c.num_model_samples * per_sample + once + score)
   time_features = 256                                     # adaln_mlp.TIME_FREQ_DIM
   per_draw = (_mm(1, time_features, d) + _mm(1, d, d) + _mm(1, l, d)
               + c.num_head_blocks * _mm(1, d, 5 * d) + _mm(1, d, 2 * d) + _mm(1, d, l))
-  return positions * (c.head_batch_mul * per_draw + _mm(1, d, d))
+  return positions * (c.head_batch_mul * per_draw + _mm(1, c.hidden, d))
 
 
 def _per_token(length, weights=0, attention=0, head=0, frozen_encoder=0):

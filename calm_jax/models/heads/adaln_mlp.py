@@ -100,5 +100,5 @@ class AdaLNHead(nn.Module):
 
   def setup(self):
     cfg = self.model_config
-    self.net = AdaLNMLP(cfg.hidden, cfg.latent_dim, cfg.num_head_blocks, cfg.layer_norm_eps,
+    self.net = AdaLNMLP(common.width(cfg), cfg.latent_dim, cfg.num_head_blocks, cfg.layer_norm_eps,
                         self.dtype, name="net")

@@ -12,6 +12,12 @@ XAVIER = nn.initializers.xavier_uniform()
 ZEROS = nn.initializers.zeros_init()
 
 
+def width(model_config):
+  """The head's width D: model.head_hidden, or the backbone's hidden where that is 0 (the
+  reference ties them; a narrower head leaves FLOPs for more steps where the head dominates)."""
+  return model_config.head_hidden or model_config.hidden
+
+
 def normal(std):
   return nn.initializers.normal(stddev=std)
 

@@ -2,6 +2,7 @@
 
   u ~ U[-0.5, 0.5]^noise_dim -> linear to D -> LayerNorm            (the stream x)
   h (backbone state)         -> linear to D -> LayerNorm            (the condition c)
+  (D = common.width: the backbone's hidden, as in the reference, unless model.head_hidden sets it)
   num_head_blocks x  x <- x + down(silu(gate) * up),  [gate, up] = MLP(concat(LayerNorm(x), c))
                                          MLP: 2D -> D, SiLU, D -> D, SiLU, D -> 2D
   LayerNorm -> linear D -> D -> SiLU -> linear D -> l   (last layer zero-initialised)
@@ -70,7 +71,7 @@ class EnergyHead(nn.Module):
 
   def setup(self):
     cfg = self.model_config
-    d, init = cfg.hidden, common.normal(cfg.init_std)
+    d, init = common.width(cfg), common.normal(cfg.init_std)
     ln = lambda name: common.layer_norm(cfg.layer_norm_eps, self.dtype, name)
     self.noise_embed = common.dense(d, ("noise", "embed"), init, self.dtype, "noise_embed")
     self.noise_norm = ln("noise_norm")

@@ -147,7 +147,7 @@ class TrainBench:
 
   def inference_params(self):
     """{trainable..., 'autoencoder': frozen} as the generation and eval code take them."""
-    return {**self.state.params, **self.frozen}
+    return {**steps_lib.eval_params(self.state), **self.frozen}
 
 
 def time_in_turns(calls, warmup, repeats):

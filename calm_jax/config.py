@@ -90,7 +90,8 @@ _ADDED_FIELDS = (
     ("calm", "model.target_std_scale", 1.0),                         # posterior-sample targets
     ("calm", "model.beta_start", lambda c: c.model.beta),            # one exponent throughout
     ("calm", "model.beta_anneal_steps", 0),
-    ("calm", "model.head_hidden", 0),                                # as wide as the backbone
+    ("calm", "model.head_hidden", 0),
+    (None, "train.ema_decay", 0.0),                                  # no weight average                                # as wide as the backbone
 )
 # Fields that were replaced; a saved config's value is read by _ADDED_FIELDS, then dropped.
 _REMOVED_FIELDS = ("data.skip_bad_records",)
@@ -227,6 +228,9 @@ def validate(config):
           f"config.train.batch_size={config.train.batch_size} is not divisible by "
           f"config.train.grad_accum_steps={config.train.grad_accum_steps}.")
   require(config.train.steps >= 0, f"config.train.steps={config.train.steps}: must be >= 0.")
+  require(0.0 <= config.train.ema_decay < 1.0,
+          f"config.train.ema_decay={config.train.ema_decay}: use a decay in [0, 1), e.g. 0.99 "
+          "(an average over about 100 steps), or 0 for no moving average.")
   require(config.eval.brier_samples >= 2,
           f"config.eval.brier_samples={config.eval.brier_samples}: Brier-n needs >= 2 samples "
           "per position (2 is the paper's estimator).")

@@ -113,6 +113,8 @@ def train_config():
       eval_every=200,                   # 0 disables periodic eval
       eval_batches=8,                   # batches per periodic eval
       grad_accum_steps=1,
+      ema_decay=0.0,                    # > 0: evaluate, sample and export a moving average of
+                                        # the params (decay per step; 0: the params themselves)
       compute_dtype="float32",          # 'float32' | 'bfloat16' (params stay fp32)
       nan_policy="halt",                # 'halt' | 'skip' on non-finite loss/grads
       allow_config_change=False,        # resume a workdir with a different config

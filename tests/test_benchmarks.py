@@ -114,14 +114,15 @@ def test_quality_budgets():
   assert args.valid == "jsonl:/data/corpus/valid.jsonl"
   assert args.wikitext == "jsonl:/data/wikitext103/test.jsonl"
   assert args.output.endswith("quality_tiny.json")
-  assert (args.K, args.latent_dim, args.suffix) == (4, 128, "")
+  assert (args.K, args.latent_dim, args.suffix) == (2, 64, "")
   config = quality.stage2_config("calm_energy", args)
-  assert (config.model.patch_size, config.model.latent_dim) == (4, 128)
-  args = quality.parse_args(["--budget", "medium", "--K", "2"])   # runs and JSON apart from K=4
-  assert (args.latent_dim, args.suffix) == (64, "_K2")
-  assert args.output.endswith("quality_medium_K2.json")
-  config = quality.stage2_config("calm_energy_K2", args)
-  assert (config.model.head, config.model.patch_size, config.model.latent_dim) == ("energy", 2, 64)
+  assert (config.model.patch_size, config.model.latent_dim) == (2, 64)
+  assert config.train.ema_decay == 0.99                            # the tiny recipe's params EMA
+  args = quality.parse_args(["--budget", "medium", "--K", "4"])   # runs and JSON apart from K=2
+  assert (args.latent_dim, args.suffix) == (128, "_K4")
+  assert args.output.endswith("quality_medium_K4.json")
+  config = quality.stage2_config("calm_energy_K4", args)
+  assert (config.model.head, config.model.patch_size, config.model.latent_dim) == ("energy", 4, 128)
   args = quality.parse_args(["--budget", "3e12", "--wikitext", "none", "--heads", "energy"])
   assert args.budget_name == "flops_3e+12" and args.preset["flops"] == 3e12
   assert args.wikitext == "" and args.heads == ["energy"]

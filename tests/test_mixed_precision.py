@@ -37,8 +37,8 @@ def _step_and_args(dtype, grad_accum_steps):
   batch = {"tokens": tokens, "mask": np.ones_like(tokens)}
   params = nn.unbox(jax.jit(model.init)({"params": jax.random.key(0)}, batch)["params"])
   tx = optax.adamw(1e-3)
-  step = steps.make_train_step(model, tx, lambda s: 1e-3, grad_accum_steps)
-  return step, (steps.init_train_state(params, tx), {}, batch, jax.random.key(1))
+  step = steps.make_train_step(model, tx, lambda s: 1e-3, grad_accum_steps, 0.0)
+  return step, (steps.init_train_state(params, tx, 0.0), {}, batch, jax.random.key(1))
 
 
 @pytest.mark.parametrize("grad_accum_steps", [1, 2])

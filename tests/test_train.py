@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from calm_jax import config as config_lib
+from calm_jax import runs as runs_lib
 from calm_jax.cli import train as cli_train
 from calm_jax import stages
 from calm_jax.training import loop
@@ -64,6 +65,24 @@ def test_resume_continues_bit_identically(tiny_tokenizer_path, tmp_path):
   loop.train_and_evaluate(make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
                                        train__steps=6), resumed)
   assert losses(resumed) == losses(straight)
+
+
+def test_weight_ema_resumes_bit_identically_and_is_the_params_eval_reads(tiny_tokenizer_path,
+                                                                         tmp_path):
+  """With train.ema_decay the checkpoint's params item is the average (what calm-eval, generate,
+  export and init_from read); the raw params resume training from the train state."""
+  config = lambda steps, decay=0.9: make_config("ar_baseline.py:size=tiny", tiny_tokenizer_path,
+                                                train__steps=steps, train__ema_decay=decay)
+  straight, resumed, plain = (str(tmp_path / name) for name in ("straight", "resumed", "plain"))
+  loop.train_and_evaluate(config(6), straight)
+  loop.train_and_evaluate(config(3), resumed)
+  loop.train_and_evaluate(config(6), resumed)
+  loop.train_and_evaluate(config(6, decay=0.0), plain)
+  assert losses(resumed) == losses(straight) == losses(plain)   # the average never trains
+  ema, ema_resumed, raw = (runs_lib.open_run(path, 6).params for path in (straight, resumed, plain))
+  jax.tree.map(np.testing.assert_array_equal, ema, ema_resumed)
+  gaps = jax.tree.leaves(jax.tree.map(lambda e, p: float(np.max(np.abs(e - p))), ema, raw))
+  assert max(gaps) > 1e-6                 # the saved params are the average, not the last step's
 
 
 def test_gradient_accumulation_matches_full_batch(tiny_tokenizer_path, tmp_path):

@@ -93,7 +93,7 @@ def _restore_or_init(config, parts, ckpt, tokenizer):
   def restore(step):
     # A fresh iterator per attempt: a failed attempt cannot leave it half-restored.
     it = pipeline.make_checked_iterator(config, tokenizer, "train")
-    params, train_state = ckpt.restore(step, abstract.params, abstract.replace(params=None), it)
+    params, train_state = ckpt.restore(step, *_checkpoint_items(abstract), it)
     return params, train_state, it
 
   step, restored = ckpt.restore_latest_good(restore)
@@ -103,7 +103,18 @@ def _restore_or_init(config, parts, ckpt, tokenizer):
         "move the broken step directories away or use a new --workdir.")
   params, train_state, train_iter = restored
   logging.info("Resumed from %s step %d", ckpt.directory, step)
+  if isinstance(abstract, steps_lib.EmaTrainState):
+    return train_state.replace(ema_params=params), train_iter
   return train_state.replace(params=params), train_iter
+
+
+def _checkpoint_items(state):
+  """(params item, train_state item): the item holds the params that evaluation, generation,
+  export and the next stage read (the EMA where there is one); the train state holds the rest,
+  the raw params included when an EMA stands in for them."""
+  if isinstance(state, steps_lib.EmaTrainState):
+    return state.ema_params, state.replace(ema_params=None)
+  return state.params, state.replace(params=None)
 
 
 def _compile_for_processes(train_step, eval_step, state, frozen, config, batch_sharding):
@@ -112,7 +123,8 @@ def _compile_for_processes(train_step, eval_step, state, frozen, config, batch_s
   train_step = _compile_then_meet(train_step, (state, frozen, _abstract_batch(
       config.train.batch_size, config.data.seq_len, batch_sharding), rng0), "train_step")
   if config.train.eval_every:
-    eval_step = _compile_then_meet(eval_step, ({**state.params, **frozen}, _abstract_batch(
+    eval_params = {**steps_lib.eval_params(state), **frozen}
+    eval_step = _compile_then_meet(eval_step, (eval_params, _abstract_batch(
         config.eval.batch_size, config.eval.block_len, batch_sharding), rng0), "eval_step")
   return train_step, eval_step
 
@@ -192,7 +204,7 @@ class _Bookkeeping:
     with self.eff.paused():
       self.halt_if_nonfinite(*jax.device_get((state.skipped, state.last_bad_step)))
       self.eff.saved(step)
-      self.ckpt.save(step, state.params, state.replace(params=None), train_iter, force=True)
+      self.ckpt.save(step, *_checkpoint_items(state), train_iter, force=True)
     self.saved = step
 
   def save_on_error(self, error, state, train_iter):
@@ -201,7 +213,7 @@ class _Bookkeeping:
         and self.completed > self.saved):
       self.flush()
       logging.error("Saving step %d before stopping on: %s", self.completed, error)
-      self.ckpt.save(self.completed, state.params, state.replace(params=None), train_iter,
+      self.ckpt.save(self.completed, *_checkpoint_items(state), train_iter,
                      force=True)
       self.saved = self.completed
 
@@ -262,7 +274,7 @@ def _train(config, workdir, devices, started_at):
 
     # -- Evals (the model's own metrics; calm-eval gives the stage's full evaluation) ---------
     evaluate = lambda state: evaluator.model_metrics(
-        eval_step, {**state.params, **frozen}, config, tokenizer, batch_sharding,
+        eval_step, {**steps_lib.eval_params(state), **frozen}, config, tokenizer, batch_sharding,
         config.train.eval_batches)
 
     # -- Loop ---------------------------------------------------------------------------------

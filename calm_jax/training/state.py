@@ -28,9 +28,10 @@ def build(config, mesh, axis_rules, ae_config=None):
   """
   parts = runs.model_parts(config, mesh, axis_rules, ae_config)
   tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
-  state_boxed = jax.eval_shape(lambda p: steps_lib.init_train_state(p, tx),
+  ema_decay = config.train.ema_decay
+  state_boxed = jax.eval_shape(lambda p: steps_lib.init_train_state(p, tx, ema_decay),
                                parts["boxed_trainable"])
-  return dict(parts, tx=tx, schedule=schedule,
+  return dict(parts, tx=tx, schedule=schedule, ema_decay=ema_decay,
               state_shardings=sharding.tree_shardings(state_boxed, mesh, axis_rules),
               abstract_state=runs.strip_boxes(state_boxed))
 
@@ -40,7 +41,7 @@ def init_state(parts, seed):
 
   def create(rng):
     trainable, _ = runs.split_frozen(nn.unbox(parts["init_params"](rng)))
-    return steps_lib.init_train_state(trainable, parts["tx"])
+    return steps_lib.init_train_state(trainable, parts["tx"], parts["ema_decay"])
 
   return jax.jit(create, out_shardings=parts["state_shardings"])(jax.random.key(seed))
 

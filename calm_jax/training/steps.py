@@ -5,6 +5,12 @@ get no gradients and no optimizer moments. The train step skips an update whose
 loss or gradients are not finite, counts it, and remembers the step, so a
 saved state is never poisoned; the host decides whether to halt.
 
+Weight EMA (config.train.ema_decay > 0): the state also carries an exponential moving average
+of the params, updated after every step with the decay min(ema_decay, (1 + t) / (10 + t)) (the
+warm-up keeps the init from dominating early averages). Evaluation, generation and export use it
+(`eval_params`); the raw params keep training. A small-batch run's last weights carry the noise
+of its last updates, and a generative head's samples pay for it.
+
 Mixed precision: params (the master weights) and optimizer state stay float32; with a
 bfloat16 model every weight matrix and embedding is cast to bfloat16 once per step
 (`compute_params`), before the forward pass and any gradient-accumulation loop, instead of
@@ -28,9 +34,31 @@ class TrainState:
   last_bad_step: jax.Array   # int32: the latest skipped step, -1 if none
 
 
-def init_train_state(params, tx):
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    skipped=jnp.zeros((), jnp.int32), last_bad_step=-jnp.ones((), jnp.int32))
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+  """A TrainState with the params' moving average (config.train.ema_decay > 0); a subclass, so a
+  run without one saves and restores the same tree as before the field existed."""
+  ema_params: Any
+
+
+def init_train_state(params, tx, ema_decay):
+  """The state at step 0; with ema_decay > 0 the average starts at the initial params."""
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     skipped=jnp.zeros((), jnp.int32), last_bad_step=-jnp.ones((), jnp.int32))
+  if ema_decay > 0:
+    return EmaTrainState(**vars(state), ema_params=jax.tree.map(jnp.copy, params))
+  return state
+
+
+def eval_params(state):
+  """The params evaluation, generation and checkpoints' `params` item use: the EMA if any."""
+  return state.ema_params if isinstance(state, EmaTrainState) else state.params
+
+
+def _ema_update(ema, params, step, ema_decay):
+  t = step.astype(jnp.float32)
+  decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
 def _rngs(rng):
@@ -56,7 +84,7 @@ def _microbatches(batch, num):
       lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), batch)
 
 
-def make_train_step(model, tx, schedule, grad_accum_steps):
+def make_train_step(model, tx, schedule, grad_accum_steps, ema_decay):
   """train_step(state, frozen, batch, rng) -> (state, metrics); pure, for jax.jit."""
 
   def loss_fn(params, frozen, batch, rng, step):
@@ -91,13 +119,16 @@ def make_train_step(model, tx, schedule, grad_accum_steps):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(
+    new_state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         skipped=state.skipped + (~finite).astype(jnp.int32),
         last_bad_step=jnp.where(finite, state.last_bad_step, state.step),
     )
+    if isinstance(state, EmaTrainState):
+      new_state = new_state.replace(ema_params=keep(
+          _ema_update(state.ema_params, params, state.step, ema_decay), state.ema_params))
     metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
                    skipped_updates=new_state.skipped.astype(jnp.float32),
                    last_bad_step=new_state.last_bad_step.astype(jnp.float32))
@@ -114,7 +145,8 @@ def jit_train_step(parts, mesh, axis_rules, grad_accum_steps):
   """
   replicated = sharding.replicated(mesh)
   return jax.jit(
-      make_train_step(parts["model"], parts["tx"], parts["schedule"], grad_accum_steps),
+      make_train_step(parts["model"], parts["tx"], parts["schedule"], grad_accum_steps,
+                      parts["ema_decay"]),
       in_shardings=(parts["state_shardings"], parts["frozen_shardings"],
                     sharding.batch_sharding(mesh, axis_rules), replicated),
       out_shardings=(parts["state_shardings"], replicated),

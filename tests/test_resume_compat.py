@@ -85,6 +85,7 @@ def test_a_calm_rerun_keeps_the_recorded_autoencoder(tmp_path):
     (dict(train__batch_size=32, train__allow_config_change=True), 300, "train.batch_size"),
     (dict(data__seq_len=512, train__allow_config_change=True), 300, "data.seq_len"),
     (dict(train__seed=1, train__allow_config_change=True), 300, "train.seed"),
+    (dict(train__ema_decay=0.99, train__allow_config_change=True), 300, "train.ema_decay"),
     # Safe: evaluation, logging, checkpoint cadence.
     (dict(train__log_every=1, train__eval_every=5, eval__batch_size=2,
           checkpoint__every_steps=7), 300, None),

@@ -9,7 +9,8 @@ start used. Then each field that differs from the saved config is one of:
                train.steps when the learning rate of every step already taken stays
                the same (a constant schedule, or all steps taken within the warmup);
   trajectory   a change that would have made the steps already taken different:
-               train.batch_size, train.grad_accum_steps, data.seq_len, train.seed, and
+               train.batch_size, train.grad_accum_steps, data.seq_len, train.seed,
+               train.ema_decay (the params' average saved), and
                train.steps / optim.* when they change the learning rate of a step taken.
                Always refused: continuing would give a run that no single config makes.
                The fix: a new --workdir with config.init_from=WORKDIR;
@@ -24,7 +25,8 @@ from calm_jax import checkpoint
 from calm_jax import config as config_lib
 from calm_jax.training import optimizer
 
-TRAJECTORY_FIELDS = ("train.batch_size", "train.grad_accum_steps", "data.seq_len", "train.seed")
+TRAJECTORY_FIELDS = ("train.batch_size", "train.grad_accum_steps", "data.seq_len", "train.seed",
+                     "train.ema_decay")      # the saved average (and its checkpoint tree)
 SCHEDULE_FIELDS = ("train.steps", "optim.lr", "optim.warmup_steps", "optim.schedule",
                    "optim.min_lr_ratio")
 

@@ -48,7 +48,7 @@ SIZES = {
     # beta 1 at K=2: 0.766; the quickstart keeps beta 1, see calm_jax/cli/quickstart.py).
     # Evaluation reads a moving average of the params (train.ema_decay 0.99, about the last 100
     # steps): at batch 16 the last step's weights carry its updates' noise. At K=2, 4e13 FLOPs,
-    # training seeds 0 / 1: BrierLM 0.772 / 0.528 without, 0.881 / 0.818 with (AR 1.636);
+    # training seeds 0 / 1: BrierLM 0.772 / 0.603 without, 0.881 / 0.818 with (AR 1.636);
     # a head half as wide (head_hidden 64, 39% more steps) 0.721, 512-token blocks 0.748.
     # M/L/XL keep the reference's plain params.
     "tiny": dict(vocab_size=512, latent_dim=128, seq_len=256, batch_size=16, steps=2000, lr=1e-3,

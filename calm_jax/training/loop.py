@@ -87,7 +87,7 @@ def _restore_or_init(config, parts, ckpt, tokenizer):
   if not ckpt.all_steps():
     params = state_lib.init_from_params(config, parts) if config.init_from else None
     state = state_lib.init_state(parts, config.train.seed)
-    return (state if params is None else state.replace(params=params)), None
+    return (state if params is None else steps_lib.with_params(state, params)), None
   abstract = checkpoint.abstract_like(parts["abstract_state"], parts["state_shardings"])
 
   def restore(step):

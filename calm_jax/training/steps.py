@@ -50,6 +50,14 @@ def init_train_state(params, tx, ema_decay):
   return state
 
 
+def with_params(state, params):
+  """The state with other params (init_from); its average, if any, starts at them too."""
+  state = state.replace(params=params)
+  if isinstance(state, EmaTrainState):
+    return state.replace(ema_params=jax.tree.map(jnp.copy, params))
+  return state
+
+
 def eval_params(state):
   """The params evaluation, generation and checkpoints' `params` item use: the EMA if any."""
   return state.ema_params if isinstance(state, EmaTrainState) else state.params
@@ -58,7 +66,8 @@ def eval_params(state):
 def _ema_update(ema, params, step, ema_decay):
   t = step.astype(jnp.float32)
   decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+  # e + (1 - decay) (p - e): exactly e while the params stay put (lr 0, a frozen part)
+  return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
 
 
 def _rngs(rng):
